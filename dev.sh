@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Herald's two commands on a fresh machine (see README):
+#   ./dev.sh serve   - set up the venv and run a gateway on :8080 (memory engine)
+#   ./dev.sh test    - install what the tests need (redis-server, ...) and run them all
+# Every step is idempotent: a second run only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${HERALD_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+need_apt() {
+  # Install Debian packages that are missing (CI and fresh machines run as root).
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "dev.sh: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+venv() {
+  local extras=$1
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.installed-$extras"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e ".[$extras]"
+    touch "$stamp"
+  fi
+}
+
+case "${1:-}" in
+  serve)
+    shift
+    venv dev
+    exec "$VENV/bin/herald" serve "$@"
+    ;;
+  test)
+    shift
+    need_apt redis-server
+    venv test
+    "$VENV/bin/ruff" check gateway tests
+    set +e
+    "$VENV/bin/python" -m pytest "$@"
+    rc=$?
+    set -e
+    exit $rc
+    ;;
+  *)
+    echo "usage: ./dev.sh serve [--port P] | ./dev.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,42 @@
+"""The Tornado application: every route of the gateway in one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tornado.web import Application, StaticFileHandler
+
+from gateway.handlers import api, ops
+from gateway.handlers.websocket import GatewayWebSocket
+from gateway.node import Node
+
+STATIC = Path(__file__).parent / "static"
+CHANNEL = r"(?P<channel>[A-Za-z0-9_\-:.@=]{1,255})"
+
+
+def make_app(node: Node, **overrides: Any) -> Application:
+    settings = node.settings
+    deps = {"node": node}
+    routes: list[Any] = [
+        (r"/ws", GatewayWebSocket, deps),
+        (r"/api/v1/publish", api.PublishHandler, deps),
+        (r"/api/v1/broadcast", api.BroadcastHandler, deps),
+        (r"/api/v1/jobs", api.JobsHandler, deps),
+        (rf"/api/v1/channels/{CHANNEL}/state", api.StateHandler, deps),
+        (rf"/api/v1/channels/{CHANNEL}/history", api.HistoryHandler, deps),
+        (r"/api/v1/stats", api.StatsHandler, deps),
+        (r"/healthz", ops.HealthHandler, deps),
+        (r"/readyz", ops.ReadyHandler, deps),
+        (r"/metrics", ops.MetricsHandler, deps),
+    ]
+    if STATIC.is_dir():
+        routes.append((r"/static/(.*)", StaticFileHandler, {"path": str(STATIC)}))
+    return Application(
+        routes,
+        websocket_ping_interval=settings.heartbeat,
+        websocket_ping_timeout=settings.heartbeat,
+        websocket_max_message_size=settings.max_frame_bytes,
+        xheaders=True,
+        **overrides,
+    )

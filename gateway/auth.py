@@ -1,0 +1,177 @@
+"""Who a client is: JWT verification, and the API key of publishers.
+
+Algorithms are an explicit allow-list (never `none`, never HS* when a public
+key is configured, which is the classic key-confusion attack). Keys from an
+identity provider's JWKS URL are cached and re-fetched when a token names an
+unknown `kid`, at most once per `JWKS_MIN_REFRESH` seconds so a flood of
+forged `kid`s cannot turn Herald into a DoS against the provider.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from jwt import PyJWK
+from tornado.httpclient import AsyncHTTPClient
+
+from gateway.config import Settings
+from gateway.errors import ProtocolError
+
+log = logging.getLogger("herald.auth")
+
+JWKS_MIN_REFRESH = 30.0
+ADMIN_ROLE = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What Herald uses from a verified token."""
+
+    sub: str
+    exp: float
+    roles: frozenset[str]
+    channels: tuple[str, ...]
+
+    @property
+    def admin(self) -> bool:
+        return ADMIN_ROLE in self.roles
+
+
+def _claim_path(payload: dict[str, Any], path: str) -> Any:
+    """Dotted lookup, for providers that nest roles (`app_metadata.roles`)."""
+    value: Any = payload
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _str_set(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._algorithms = settings.algorithms
+        self._static_key: Any = settings.jwt_secret or settings.jwt_public_key or None
+        if settings.jwt_public_key:
+            self._static_key = settings.jwt_public_key.replace("\\n", "\n")
+        self._jwks: dict[str, PyJWK] = {}
+        self._jwks_fetched = 0.0
+        self._api_key = settings.api_key.encode()
+
+    def check_api_key(self, header: str | None) -> bool:
+        """`Authorization: apikey <key>`, compared in constant time."""
+        if not header or not self._api_key:
+            return False
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "apikey":
+            return False
+        return hmac.compare_digest(key.strip().encode(), self._api_key)
+
+    async def verify(self, token: object) -> Claims:
+        """Verify a token or raise `unauthorized` / `token_expired` with the reason."""
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("unauthorized", "token missing")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise ProtocolError("unauthorized", "token is not a JWT") from None
+        alg = header.get("alg")
+        if alg not in self._algorithms:
+            raise ProtocolError("unauthorized", f"algorithm {alg!r} is not accepted")
+        key = await self._key_for(header)
+        opts = self._settings
+        try:
+            payload = jwt.decode(
+                token,
+                key=key,
+                algorithms=self._algorithms,
+                audience=opts.jwt_audience or None,
+                issuer=opts.jwt_issuer or None,
+                leeway=opts.jwt_leeway,
+                options={"require": ["sub", "exp"], "verify_aud": bool(opts.jwt_audience)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise ProtocolError("token_expired", "token has expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise ProtocolError("unauthorized", f"token lacks claim {exc.claim!r}") from None
+        except jwt.InvalidSignatureError:
+            raise ProtocolError("unauthorized", "token signature is invalid") from None
+        except jwt.PyJWTError as exc:
+            raise ProtocolError("unauthorized", f"token is invalid: {exc}") from None
+        sub = payload["sub"]
+        if not isinstance(sub, str) or not sub:
+            raise ProtocolError("unauthorized", "token sub must be a non-empty string")
+        return Claims(
+            sub=sub,
+            exp=float(payload["exp"]),
+            roles=frozenset(_str_set(_claim_path(payload, opts.jwt_roles_claim))),
+            channels=tuple(_str_set(_claim_path(payload, opts.jwt_channels_claim))),
+        )
+
+    async def _key_for(self, header: dict[str, Any]) -> Any:
+        if not self._settings.jwt_jwks_url:
+            if self._static_key is None:
+                raise ProtocolError("unauthorized", "no verification key configured")
+            return self._static_key
+        kid = header.get("kid")
+        if kid not in self._jwks and time.monotonic() - self._jwks_fetched > JWKS_MIN_REFRESH:
+            await self._refresh_jwks()
+        if kid in self._jwks:
+            return self._jwks[kid]
+        if kid is None and len(self._jwks) == 1:
+            return next(iter(self._jwks.values()))
+        raise ProtocolError("unauthorized", "token signed by an unknown key")
+
+    async def _refresh_jwks(self) -> None:
+        self._jwks_fetched = time.monotonic()
+        try:
+            response = await AsyncHTTPClient().fetch(self._settings.jwt_jwks_url, request_timeout=5)
+            keys = json.loads(response.body)["keys"]
+        except Exception as exc:
+            log.warning("JWKS fetch failed: %s", exc)
+            return
+        fresh: dict[str, PyJWK] = {}
+        for data in keys:
+            try:
+                fresh[data.get("kid", "")] = PyJWK(data)
+            except jwt.PyJWTError as exc:
+                log.warning("JWKS key %s skipped: %s", data.get("kid"), exc)
+        if fresh:
+            self._jwks = fresh
+
+
+def mint_token(
+    secret: str,
+    sub: str,
+    *,
+    roles: list[str] | None = None,
+    channels: list[str] | None = None,
+    ttl: float = 3600.0,
+    algorithm: str = "HS256",
+    roles_claim: str = "roles",
+    channels_claim: str = "channels",
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Sign a development token (the `herald token` command and the tests)."""
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl)}
+    if roles:
+        payload[roles_claim] = roles
+    if channels:
+        payload[channels_claim] = channels
+    payload.update(extra or {})
+    return jwt.encode(payload, secret, algorithm=algorithm)

@@ -1,0 +1,139 @@
+"""The embedded engine: everything in this process, nothing to install.
+
+Its semantics match the Redis engine's so the same tests hold for both:
+offsets count up by one per publication within an epoch, history is capped
+by size and age, an idle channel expires after its history TTL (and comes
+back with a new epoch), job owners are recorded once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.broker.base import (
+    Broker,
+    History,
+    Publication,
+    Snapshot,
+    new_epoch,
+)
+from gateway.channels import Namespace
+from gateway.errors import ProtocolError
+
+OWNER_TTL = 7 * 86400.0
+
+
+@dataclass(slots=True)
+class _Stream:
+    epoch: str
+    offset: int = 0
+    expires: float = 0.0
+    history: deque[Publication] = field(default_factory=deque)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class MemoryBroker(Broker):
+    def __init__(self, clock: Any = time.time) -> None:
+        super().__init__()
+        self._clock = clock
+        self._streams: dict[str, _Stream] = {}
+        self._owners: dict[str, tuple[str, float]] = {}
+        self._subscribed: set[str] = set()
+        self._last_sweep = 0.0
+
+    def _stream(self, namespace: Namespace, channel: str, now: float) -> _Stream:
+        """The live stream of a channel; a missing or expired one starts a new epoch.
+
+        Reads create it too, so a subscriber that saw (epoch, 0) before the
+        first publication still recovers from it.
+        """
+        stream = self._streams.get(channel)
+        if stream is None or stream.expires <= now:
+            stream = _Stream(epoch=new_epoch(), expires=now + namespace.history_ttl)
+            self._streams[channel] = stream
+        return stream
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired channels and owners, at most once a second, so memory stays bounded."""
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for channel in [c for c, s in self._streams.items() if s.expires <= now]:
+            del self._streams[channel]
+        for channel in [c for c, (_, exp) in self._owners.items() if exp <= now]:
+            del self._owners[channel]
+
+    def _trim(self, namespace: Namespace, stream: _Stream, now: float) -> None:
+        history = stream.history
+        while len(history) > namespace.history_size:
+            history.popleft()
+        horizon = now - namespace.history_ttl
+        while history and history[0].time < horizon:
+            history.popleft()
+
+    async def publish(
+        self,
+        namespace: Namespace,
+        channel: str,
+        event: str,
+        data: Any,
+        *,
+        owner: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> Publication:
+        now = self._clock()
+        self._sweep(now)
+        if owner is not None:
+            self._record_owner(channel, owner, now)
+        stream = self._stream(namespace, channel, now)
+        stream.offset += 1
+        stream.expires = now + namespace.history_ttl
+        pub = Publication(channel, event, data, stream.epoch, stream.offset, now, meta or {})
+        if namespace.history_size > 0:
+            stream.history.append(pub)
+            self._trim(namespace, stream, now)
+        if namespace.state:
+            stream.state[event] = data
+        if channel in self._subscribed:
+            self._on_publication(pub)
+        return pub
+
+    async def subscribe(self, channels: list[str]) -> None:
+        self._subscribed.update(channels)
+
+    async def unsubscribe(self, channels: list[str]) -> None:
+        self._subscribed.difference_update(channels)
+
+    async def history(
+        self, namespace: Namespace, channel: str, since: int | None, limit: int
+    ) -> History:
+        now = self._clock()
+        stream = self._stream(namespace, channel, now)
+        self._trim(namespace, stream, now)
+        kept = [p for p in stream.history if since is None or p.offset > since]
+        first = kept[0].offset if kept else stream.offset + 1
+        reaches = since is None or (first <= since + 1 and since <= stream.offset)
+        cut = len(kept) > limit
+        return History(stream.epoch, stream.offset, kept[:limit], reaches and not cut)
+
+    async def snapshot(self, namespace: Namespace, channel: str) -> Snapshot:
+        stream = self._stream(namespace, channel, self._clock())
+        return Snapshot(stream.epoch, stream.offset, dict(stream.state))
+
+    async def owner(self, channel: str) -> str | None:
+        entry = self._owners.get(channel)
+        if entry is None or entry[1] <= self._clock():
+            return None
+        return entry[0]
+
+    async def register_owner(self, channel: str, owner: str) -> None:
+        self._record_owner(channel, owner, self._clock())
+
+    def _record_owner(self, channel: str, owner: str, now: float) -> None:
+        entry = self._owners.get(channel)
+        if entry is not None and entry[1] > now and entry[0] != owner:
+            raise ProtocolError("forbidden", f"{channel} belongs to another owner")
+        self._owners[channel] = (owner, now + OWNER_TTL)

@@ -1,0 +1,1 @@
+"""Tornado request handlers, one module per surface (WebSocket, HTTP API, probes)."""

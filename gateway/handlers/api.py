@@ -1,0 +1,119 @@
+"""The HTTP API (PROTOCOL.md §3-5): publishing, reads, and the node's figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.broker.base import History, Publication
+from gateway.channels import validate_channel
+from gateway.errors import ProtocolError
+from gateway.handlers.base import JsonHandler
+from gateway.publishing import PublishRequest, check_data, parse_event, parse_owner
+
+MAX_BROADCAST = 1000
+MAX_HISTORY_LIMIT = 1000
+
+
+def position(pub: Publication) -> dict[str, Any]:
+    return {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
+
+
+class PublishHandler(JsonHandler):
+    """POST /api/v1/publish (API key)."""
+
+    async def post(self) -> None:
+        self.require_api_key()
+        req = PublishRequest.parse(self.json_body(), self.node.settings.max_publish_bytes)
+        pub = await self.node.publish(req)
+        self.write_json(position(pub))
+
+
+class BroadcastHandler(JsonHandler):
+    """POST /api/v1/broadcast (API key): one event to many channels."""
+
+    async def post(self) -> None:
+        self.require_api_key()
+        body = self.json_body()
+        if not isinstance(body, dict):
+            raise ProtocolError("bad_request", "body must be a JSON object")
+        channels = body.get("channels")
+        if not isinstance(channels, list) or not channels or len(channels) > MAX_BROADCAST:
+            raise ProtocolError("bad_request", f"channels must be a list of 1-{MAX_BROADCAST}")
+        names = [validate_channel(c) for c in dict.fromkeys(channels)]
+        event = parse_event(body.get("event", "message"))
+        data = check_data(body.get("data"), self.node.settings.max_publish_bytes)
+        results = []
+        for channel in names:
+            pub = await self.node.publish(PublishRequest(channel, event, data))
+            results.append(position(pub))
+        self.write_json({"publications": results})
+
+
+class JobsHandler(JsonHandler):
+    """POST /api/v1/jobs (API key): record a job's owner before it publishes."""
+
+    async def post(self) -> None:
+        self.require_api_key()
+        body = self.json_body()
+        if not isinstance(body, dict):
+            raise ProtocolError("bad_request", "body must be a JSON object")
+        job = body.get("job")
+        if not isinstance(job, str | int) or isinstance(job, bool) or job == "":
+            raise ProtocolError("bad_request", "job must be a non-empty string")
+        channel = validate_channel(f"job:{job}")
+        owner = parse_owner(body.get("owner"))
+        if owner is None:
+            raise ProtocolError("bad_request", "owner is required")
+        await self.node.register_job(channel, owner)
+        self.write_json({"job": str(job), "channel": channel, "owner": owner})
+
+
+class StateHandler(JsonHandler):
+    """GET /api/v1/channels/{channel}/state (JWT, subscribe rules)."""
+
+    async def get(self, channel: str) -> None:
+        claims = await self.require_user()
+        snap = await self.node.read_state(claims, channel)
+        self.write_json(
+            {"channel": channel, "epoch": snap.epoch, "offset": snap.offset, "state": snap.state}
+        )
+
+
+class HistoryHandler(JsonHandler):
+    """GET /api/v1/channels/{channel}/history?since=N&limit=M (JWT, subscribe rules)."""
+
+    async def get(self, channel: str) -> None:
+        claims = await self.require_user()
+        since = self._int_arg("since", None, 0)
+        limit = self._int_arg("limit", 100, 1)
+        limit = min(limit if limit is not None else 100, MAX_HISTORY_LIMIT)
+        hist: History = await self.node.read_history(claims, channel, since, limit)
+        self.write_json(
+            {
+                "channel": channel,
+                "epoch": hist.epoch,
+                "offset": hist.offset,
+                "complete": hist.complete,
+                "messages": [p.message() for p in hist.publications],
+            }
+        )
+
+    def _int_arg(self, name: str, default: int | None, minimum: int) -> int | None:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ProtocolError("bad_request", f"{name} must be an integer") from None
+        if value < minimum:
+            raise ProtocolError("bad_request", f"{name} must be >= {minimum}")
+        return value
+
+
+class StatsHandler(JsonHandler):
+    """GET /api/v1/stats: this node's figures (API key: they reveal load)."""
+
+    def get(self) -> None:
+        self.require_api_key()
+        self.write_json(self.node.stats())

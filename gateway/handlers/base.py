@@ -1,0 +1,82 @@
+"""What every HTTP handler shares: JSON in and out, errors, the two kinds of auth."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from tornado.web import RequestHandler
+
+from gateway import wire
+from gateway.auth import Claims
+from gateway.errors import HTTP_STATUS, ProtocolError
+from gateway.node import Node
+
+log = logging.getLogger("herald.http")
+
+TOKEN_COOKIE = "herald_token"
+
+
+class JsonHandler(RequestHandler):
+    node: Node
+
+    def initialize(self, node: Node) -> None:
+        self.node = node
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def write_json(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(obj))
+
+    def write_problem(self, exc: ProtocolError) -> None:
+        self.node.metrics.errors.labels(exc.code).inc()
+        self.write_json(
+            {"error": exc.code, "message": exc.message, "timestamp": wire.now_iso()},
+            HTTP_STATUS[exc.code],
+        )
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ProtocolError):
+            self.write_problem(exc)
+            return
+        code = "bad_request" if status_code < 500 else "internal"
+        if status_code == 404:
+            code = "not_found"
+        self.write_json(
+            {"error": code, "message": self._reason, "timestamp": wire.now_iso()}, status_code
+        )
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, ProtocolError):
+            return  # an answered client error, not a server fault
+        super().log_exception(typ, value, tb)
+
+    def json_body(self) -> Any:
+        limit = self.node.settings.max_publish_bytes * 4
+        if len(self.request.body) > limit:
+            raise ProtocolError("message_too_large", f"body over {limit} bytes")
+        try:
+            return orjson.loads(self.request.body)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError("bad_request", f"invalid JSON: {exc}") from None
+
+    def require_api_key(self) -> None:
+        if not self.node.auth.check_api_key(self.request.headers.get("Authorization")):
+            raise ProtocolError("unauthorized", "send 'Authorization: apikey <key>'")
+
+    async def require_user(self) -> Claims:
+        """A JWT from the Authorization header, the `token` query argument or a cookie."""
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        token: str | None = value.strip() if scheme.lower() == "bearer" else None
+        if not token and self.node.settings.allow_query_token:
+            token = self.get_query_argument("token", None)
+        if not token:
+            token = self.get_cookie(TOKEN_COOKIE)
+        return await self.node.auth.verify(token)

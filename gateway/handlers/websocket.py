@@ -1,0 +1,297 @@
+"""`GET /ws`: the WebSocket transport of the protocol (PROTOCOL.md §2).
+
+States: connected-unauthenticated (only `auth` and `ping` are accepted, for
+at most `auth_timeout` seconds) then authenticated (everything). Every
+frame goes through one writer, `_write_frame`, which puts pre-built text
+frames straight on the stream: publications are framed once per node, and
+control replies share the same ordered path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketHandler
+
+from gateway import wire
+from gateway.auth import Claims
+from gateway.broker.base import Publication
+from gateway.channels import validate_channel
+from gateway.errors import CloseCode, ProtocolError
+from gateway.node import Node, parse_since
+from gateway.ratelimit import AbuseCounter, TokenBucket
+from gateway.session import Session
+
+log = logging.getLogger("herald.ws")
+
+
+def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
+    """Deny cross-site WebSocket hijacking: an Origin must be listed (or same host).
+
+    Entries are full origins (`https://app.example.com`), `*.` wildcards for
+    subdomains (`https://*.example.com`) or `*` for any.
+    """
+    if "*" in allowed:
+        return True
+    parsed = urlparse(origin)
+    if not allowed:
+        return parsed.netloc.lower() == host.lower()
+    origin = origin.lower().rstrip("/")
+    for entry in allowed:
+        entry = entry.lower().rstrip("/")
+        if entry == origin:
+            return True
+        scheme, sep, rest = entry.partition("://*.")
+        if sep and parsed.scheme == scheme and parsed.netloc.endswith("." + rest):
+            return True
+    return False
+
+
+class WsSession(Session):
+    transport = "ws"
+
+    def __init__(self, handler: GatewayWebSocket, client_id: str, claims: Claims) -> None:
+        super().__init__(client_id, claims)
+        self.handler = handler
+
+    def write_publication(self, pub: Publication) -> bool:
+        return self.handler.write_frame(pub.ws_frame)
+
+    def send_json(self, message: dict[str, Any]) -> None:
+        self.handler.write_frame(wire.ws_text_frame(wire.encode(message)))
+
+    def close(self, code: int, reason: str) -> None:
+        self.handler.close_with(code, reason)
+
+
+class GatewayWebSocket(WebSocketHandler):
+    node: Node
+
+    def initialize(self, node: Node) -> None:
+        self.node = node
+        settings = node.settings
+        self.client_id = node.new_client_id()
+        self.session: WsSession | None = None
+        self._bucket = TokenBucket(settings.rate_per_second, settings.rate_burst)
+        self._abuse = AbuseCounter(settings.rate_abuse_limit)
+        self._timers: list[asyncio.TimerHandle] = []
+        self._expiry: asyncio.TimerHandle | None = None
+        self._our_close_code: int | None = None
+
+    # -- handshake --------------------------------------------------------
+
+    def check_origin(self, origin: str) -> bool:
+        return origin_allowed(origin, self.request.host, self.node.settings.allowed_origins)
+
+    def get_compression_options(self) -> None:
+        # No permessage-deflate: it would make every connection's frame
+        # different and forbid writing one pre-built frame to all.
+        return None
+
+    async def open(self) -> None:
+        self.node.metrics.connects.labels("ws").inc()
+        token = self._handshake_token()
+        if token is not None:
+            await self._authenticate(token, None)
+            return
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(self.node.settings.auth_timeout, self._auth_timed_out))
+
+    def _handshake_token(self) -> str | None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        query = self.get_query_argument("token", None)
+        if query is None:
+            return None
+        if not self.node.settings.allow_query_token:
+            return ""  # verify() refuses it with a clear reason below
+        return query
+
+    def _auth_timed_out(self) -> None:
+        if self.session is None:
+            self._fail_auth(ProtocolError("unauthorized", "no auth message within the timeout"))
+
+    # -- authentication ---------------------------------------------------
+
+    async def _authenticate(self, token: object, rid: str | int | None) -> None:
+        if token == "" and not self.node.settings.allow_query_token:
+            self._fail_auth(ProtocolError("unauthorized", "query-string tokens are disabled"), rid)
+            return
+        try:
+            claims = await self.node.auth.verify(token)
+        except ProtocolError as exc:
+            self._fail_auth(exc, rid)
+            return
+        if self.session is not None:
+            self._refresh(claims, rid)
+            return
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self.session = WsSession(self, self.client_id, claims)
+        self.node.sessions.add(self.session)
+        self.node.metrics.connections.labels("ws").inc()
+        self._schedule_expiry(claims)
+        connected: dict[str, Any] = {
+            "type": "connected",
+            "client": self.client_id,
+            "node": self.node.id,
+            "user": claims.sub,
+            "heartbeat": int(self.node.settings.heartbeat),
+            "expires": int(claims.exp),
+            "timestamp": wire.now_iso(),
+        }
+        if rid is not None:
+            connected["id"] = rid
+        self.session.send_json(connected)
+        await self._subscribe_own_channel(claims.sub)
+
+    async def _subscribe_own_channel(self, sub: str) -> None:
+        assert self.session is not None
+        channel = f"user:{sub}"
+        try:
+            validate_channel(channel)
+            await self.node.subscribe(self.session, channel, None, None, check=False)
+        except ProtocolError as exc:
+            # A `sub` that makes no valid channel name, or a broker outage:
+            # the connection still works, and the client is told why.
+            self._send_error(exc, None)
+
+    def _refresh(self, claims: Claims, rid: str | int | None) -> None:
+        assert self.session is not None
+        if claims.sub != self.session.claims.sub:
+            self._fail_auth(
+                ProtocolError("unauthorized", "a refreshed token must keep its sub"), rid
+            )
+            return
+        self.session.claims = claims
+        self._schedule_expiry(claims)
+        reply: dict[str, Any] = {"type": "authenticated", "expires": int(claims.exp)}
+        if rid is not None:
+            reply["id"] = rid
+        self.session.send_json(reply)
+
+    def _schedule_expiry(self, claims: Claims) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(0.0, claims.exp - time.time())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._fail_auth(ProtocolError("token_expired", "token expired; send a fresh auth"))
+
+    def _fail_auth(self, exc: ProtocolError, rid: str | int | None = None) -> None:
+        self._send_error(exc, rid)
+        self.close_with(CloseCode.UNAUTHORIZED, exc.code)
+
+    # -- requests ---------------------------------------------------------
+
+    async def on_message(self, message: str | bytes) -> None:
+        node = self.node
+        node.metrics.messages_in.inc()
+        rid: str | int | None = None
+        try:
+            if not self._bucket.take():
+                if self._abuse.record():
+                    self._send_error(ProtocolError("rate_limited", "too many requests"), None)
+                    self.close_with(CloseCode.RATE_LIMIT, "rate limit abuse")
+                    return
+                raise ProtocolError("rate_limited", "too many requests; slow down")
+            request = wire.decode_request(message, node.settings.max_json_depth)
+            rid = wire.request_id(request)
+            await self._handle(request, rid)
+        except ProtocolError as exc:
+            self._send_error(exc, rid)
+        except Exception:
+            log.exception("request failed on %s", self.client_id)
+            self._send_error(ProtocolError("internal", "internal error"), rid)
+
+    async def _handle(self, request: dict[str, Any], rid: str | int | None) -> None:
+        kind = request.get("type")
+        if kind == "ping":
+            self._reply({"type": "pong", "timestamp": wire.now_iso()}, rid)
+            return
+        if kind == "auth":
+            await self._authenticate(request.get("token"), rid)
+            return
+        session = self.session
+        if session is None:
+            self._fail_auth(ProtocolError("unauthorized", "authenticate first"), rid)
+            return
+        if kind == "subscribe":
+            channel = request.get("channel")
+            data = request.get("data")
+            if channel is None and isinstance(data, dict) and "jobId" in data:
+                channel = f"job:{data['jobId']}"
+            since = parse_since(request.get("since"))
+            await self.node.subscribe(session, validate_channel(channel), since, rid)
+        elif kind == "unsubscribe":
+            channel = validate_channel(request.get("channel"))
+            if channel not in session.subscriptions:
+                raise ProtocolError("not_found", f"not subscribed to {channel}")
+            await self.node.unsubscribe(session, channel)
+            self._reply({"type": "unsubscribed", "channel": channel}, rid)
+        else:
+            raise ProtocolError("bad_request", f"unknown message type {kind!r}")
+
+    def _reply(self, message: dict[str, Any], rid: str | int | None) -> None:
+        if rid is not None:
+            message["id"] = rid
+        self.write_frame(wire.ws_text_frame(wire.encode(message)))
+
+    def _send_error(self, exc: ProtocolError, rid: str | int | None) -> None:
+        self.node.metrics.errors.labels(exc.code).inc()
+        self._reply(
+            {
+                "type": "error",
+                "code": exc.code,
+                "message": exc.message,
+                "timestamp": wire.now_iso(),
+            },
+            rid,
+        )
+
+    # -- writing and closing ----------------------------------------------
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Put one pre-built frame on the wire, or close a client that stopped reading."""
+        conn = self.ws_connection
+        if conn is None or self._our_close_code is not None:
+            return False
+        stream = conn.stream
+        if stream.closed():
+            return False
+        pending = len(stream._write_buffer)  # Tornado has no public accessor
+        if pending + len(frame) > self.node.settings.send_buffer_bytes:
+            self.node.metrics.dropped.labels("slow_consumer").inc()
+            self.close_with(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return False
+        try:
+            stream.write(frame)
+        except StreamClosedError:
+            return False
+        return True
+
+    def close_with(self, code: int, reason: str) -> None:
+        if self._our_close_code is None:
+            self._our_close_code = code
+            self.close(code, reason)
+
+    def on_close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        code = self._our_close_code or self.close_code or 1006
+        self.node.metrics.disconnects.labels(str(code)).inc()
+        if self.session is not None:
+            self.node.metrics.connections.labels("ws").dec()
+            session, self.session = self.session, None
+            self.node.spawn(self.node.drop_session(session))

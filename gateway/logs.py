@@ -1,0 +1,48 @@
+"""Logging: JSON lines for machines (one object per record), no secrets in them."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import orjson
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("trace_id", "span_id"):
+            value = getattr(record, key, None)
+            if value:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Tornado's access log carries query strings, which may hold `?token=`.
+    logging.getLogger("tornado.access").addFilter(_redact_tokens)
+
+
+def _redact_tokens(record: logging.LogRecord) -> bool:
+    if record.args and isinstance(record.args, tuple):
+        record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
+    record.msg = _redact(str(record.msg))
+    return True
+
+
+def _redact(text: str) -> str:
+    import re
+
+    return re.sub(r"(token=)[^&\s]+", r"\1[redacted]", text)

@@ -1,0 +1,70 @@
+"""Prometheus metrics of one node, in a registry of its own.
+
+A registry per node (not the global default) lets tests run several gateways
+in one process and read each one's figures. Names follow Prometheus
+conventions: `herald_` prefix, `_total` counters, base units (seconds, bytes).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge(
+            "herald_connections", "Open client connections by transport", ["transport"], registry=r
+        )
+        self.connects = Counter(
+            "herald_connects_total", "Accepted client connections", ["transport"], registry=r
+        )
+        self.disconnects = Counter(
+            "herald_disconnects_total", "Closed connections by close code", ["code"], registry=r
+        )
+        self.subscriptions = Gauge(
+            "herald_subscriptions", "Client subscriptions on this node", registry=r
+        )
+        self.channels = Gauge(
+            "herald_channels", "Channels with at least one local subscriber", registry=r
+        )
+        self.messages_in = Counter(
+            "herald_messages_in_total", "Frames received from clients", registry=r
+        )
+        self.messages_out = Counter(
+            "herald_messages_out_total", "Publications written to clients", registry=r
+        )
+        self.publications = Counter(
+            "herald_publications_total", "Publications accepted by this node", registry=r
+        )
+        self.errors = Counter(
+            "herald_errors_total", "Error replies sent, by code", ["code"], registry=r
+        )
+        self.dropped = Counter(
+            "herald_messages_dropped_total",
+            "Publications not written to a client, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.conflated = Counter(
+            "herald_messages_conflated_total",
+            "Pending progress messages replaced by a newer one (slow clients)",
+            registry=r,
+        )
+        self.publish_latency = Histogram(
+            "herald_publish_duration_seconds",
+            "Time to accept a publication (engine round trip included)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.recovered = Counter(
+            "herald_recoveries_total",
+            "Subscribes with `since`, by outcome",
+            ["recovered"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,64 @@
+"""Running one gateway process: bind, serve, stop cleanly on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from gateway.app import make_app
+from gateway.config import Settings
+from gateway.errors import CloseCode
+from gateway.node import Node
+
+log = logging.getLogger("herald.server")
+
+
+@dataclass
+class RunningGateway:
+    """A started gateway: its node, HTTP server and the port it listens on."""
+
+    node: Node
+    server: HTTPServer
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        self.server.stop()
+        for session in list(self.node.sessions):
+            session.close(CloseCode.RESTARTING, "server restarting")
+        await asyncio.sleep(0)
+        await self.server.close_all_connections()
+        await self.node.close()
+
+
+async def start_gateway(settings: Settings, node: Node | None = None) -> RunningGateway:
+    """Start a gateway on `settings.host:settings.port` (port 0 picks a free one)."""
+    node = node or Node(settings)
+    await node.start()
+    app = make_app(node)
+    server = HTTPServer(app, xheaders=True, idle_connection_timeout=60, body_timeout=30)
+    sockets = bind_sockets(settings.port, settings.host, family=socket.AF_INET, backlog=4096)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    return RunningGateway(node, server, port)
+
+
+async def serve_forever(settings: Settings) -> None:
+    gateway = await start_gateway(settings)
+    log.info("herald gateway %s listening on %s:%d", settings.node_id, settings.host, gateway.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await gateway.stop()

@@ -1,0 +1,50 @@
+"""What every client connection has, whatever its transport (WebSocket, SSE).
+
+A session is what the hub fans out to: it knows who the client is, what it
+watches, and the last offset it was sent per channel, so a re-subscribe
+with `since` on the same connection never repeats a message.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+from gateway.auth import Claims
+from gateway.broker.base import Publication
+from gateway.errors import CloseCode
+
+
+class Session(abc.ABC):
+    transport: ClassVar[str]
+
+    def __init__(self, client_id: str, claims: Claims) -> None:
+        self.id = client_id
+        self.claims = claims
+        self.subscriptions: set[str] = set()
+        self._sent: dict[str, int] = {}
+
+    def delivered(self, channel: str) -> int | None:
+        """Offset of the last publication of `channel` this connection was sent."""
+        return self._sent.get(channel)
+
+    def deliver(self, pub: Publication) -> None:
+        """Write one publication; the hub's hot path, so no awaiting here."""
+        if self.write_publication(pub):
+            self._sent[pub.channel] = pub.offset
+
+    @abc.abstractmethod
+    def write_publication(self, pub: Publication) -> bool:
+        """Queue `pub` on the transport; False if it was not (connection gone)."""
+
+    @abc.abstractmethod
+    def send_json(self, message: dict[str, Any]) -> None:
+        """Send one control message (subscribed, error, pong...)."""
+
+    @abc.abstractmethod
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection with a protocol close code."""
+
+    def overflowed(self) -> None:
+        """Too much arrived while it recovered: close so it recovers by offset."""
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer")

@@ -1,0 +1,206 @@
+"""Shared fixtures: real servers on loopback, real clients. No mocks.
+
+- `redis_url`: a real `redis-server` on a free port, one per test session
+  (flushed between tests).
+- `make_gateway`: starts in-process Tornado gateways on free ports.
+- `ws_client`: connects a real WebSocket client (the `websockets` library).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from gateway.auth import mint_token
+from gateway.config import Settings
+from gateway.server import RunningGateway, start_gateway
+
+SECRET = "test-secret-0123456789abcdef0123456789"
+API_KEY = "test-api-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_settings(**overrides: Any) -> Settings:
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        node_id="gw-test",
+        jwt_secret=SECRET,
+        api_key=API_KEY,
+        heartbeat=25.0,
+    )
+    return dataclasses.replace(settings, **overrides)
+
+
+def token(sub: str = "user-1", **kwargs: Any) -> str:
+    return mint_token(SECRET, sub, **kwargs)
+
+
+def api_headers() -> dict[str, str]:
+    return {"Authorization": f"apikey {API_KEY}", "Content-Type": "application/json"}
+
+
+class WsClient:
+    """A thin test wrapper over a real `websockets` connection: JSON in, JSON out."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        await self.conn.send(orjson.dumps(obj).decode())
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.conn.recv(), timeout)
+        return orjson.loads(raw)
+
+    async def expect(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Next message, which must be of type `kind` (fails loudly otherwise)."""
+        msg = await self.recv(timeout)
+        assert msg["type"] == kind, f"expected {kind}, got {msg}"
+        return msg
+
+    async def request(self, obj: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        await self.send(obj)
+        return await self.recv(timeout)
+
+    async def closed(self, timeout: float = 5.0) -> int | None:
+        """Wait for the server to close; returns the close code."""
+        try:
+            while True:
+                await asyncio.wait_for(self.conn.recv(), timeout)
+        except websockets.ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    started: list[RunningGateway] = []
+
+    async def make(**overrides: Any) -> RunningGateway:
+        gw = await start_gateway(base_settings(**overrides))
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        await gw.stop()
+
+
+@pytest.fixture
+async def gateway(make_gateway: Callable[..., Awaitable[RunningGateway]]) -> RunningGateway:
+    return await make_gateway()
+
+
+@pytest.fixture
+async def ws_client() -> AsyncIterator[Callable[..., Awaitable[WsClient]]]:
+    """`await ws_client(gw, token=..., handshake=True)` -> WsClient after `connected`."""
+    clients: list[WsClient] = []
+
+    async def connect(
+        gw: RunningGateway,
+        tok: str | None = None,
+        *,
+        path: str = "/ws",
+        headers: dict[str, str] | None = None,
+        handshake: bool = True,
+        **kwargs: Any,
+    ) -> WsClient:
+        hdrs = dict(headers or {})
+        if tok is not None:
+            hdrs["Authorization"] = f"Bearer {tok}"
+        conn = await websockets.connect(
+            f"ws://127.0.0.1:{gw.port}{path}", additional_headers=hdrs, **kwargs
+        )
+        client = WsClient(conn)
+        clients.append(client)
+        if handshake and tok is not None:
+            await client.expect("connected")
+            await client.expect("subscribed")  # its own user:{sub} channel
+        return client
+
+    yield connect
+    for client in clients:
+        await client.close()
+
+
+# -- a real redis-server ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RedisProcess:
+    port: int
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (.ci/run installs it)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--maxclients", "20000"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_process() -> Iterator[RedisProcess]:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisProcess(free_port(), Path(tmp))
+        server.start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_process: RedisProcess) -> str:
+    """A clean database on the session's redis-server (restarted if a test killed it)."""
+    if redis_process.proc is None or redis_process.proc.poll() is not None:
+        redis_process.proc = None
+        redis_process.start()
+    with socket.create_connection(("127.0.0.1", redis_process.port)) as s:
+        s.sendall(b"FLUSHALL\r\n")
+        s.recv(16)
+    return redis_process.url
