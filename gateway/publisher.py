@@ -1,0 +1,179 @@
+"""The Python publisher: how a backend or worker sends live updates to Herald.
+
+`Publisher` is the transport-free interface (and the one place that knows
+what a job-progress message looks like); `HttpPublisher` speaks the HTTP API
+of PROTOCOL.md §3. Another transport (a direct Redis publisher) only has to
+implement `publish` and `register_job`.
+
+    async with HttpPublisher("http://herald:8080", api_key) as pub:
+        await pub.register_job("550e8400", owner="user-123")
+        await pub.job_progress("550e8400", "user-123", "processing", 45, stage="inference")
+
+Every failure raises `PublishError` carrying the protocol's error code
+(`forbidden`, `message_too_large`, `unavailable`...), so callers branch on
+codes, not on transport details.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import orjson
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+__all__ = ["HttpPublisher", "PublishError", "Publisher"]
+
+
+class PublishError(Exception):
+    """A publication Herald refused or could not take.
+
+    `code` is one of the protocol's error codes (`bad_request`, `unauthorized`,
+    `forbidden`, `not_found`, `message_too_large`, `unavailable`, `internal`...);
+    `status` is the HTTP status when there was an HTTP answer, else None.
+    """
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class Publisher(abc.ABC):
+    """Publish to Herald channels, whatever the transport underneath."""
+
+    @abc.abstractmethod
+    async def publish(
+        self, channel: str, event: str, data: Any, *, owner: str | None = None
+    ) -> dict[str, Any]:
+        """Publish one event; returns `{"channel", "epoch", "offset"}`.
+
+        `owner` on a `job:` channel records the job's owner if none is
+        recorded yet, and is refused (`forbidden`) if another one is.
+        """
+
+    async def broadcast(
+        self, channels: Iterable[str], event: str, data: Any
+    ) -> list[dict[str, Any]]:
+        """Publish the same event to several channels; one position per channel."""
+        return [await self.publish(channel, event, data) for channel in dict.fromkeys(channels)]
+
+    @abc.abstractmethod
+    async def register_job(self, job_id: str, owner: str) -> None:
+        """Record who owns `job:{job_id}` so the owner may subscribe before any progress."""
+
+    async def job_progress(
+        self,
+        job_id: str,
+        user_id: str,
+        status: str,
+        progress: float,
+        stage: str | None = None,
+        message: str | None = None,
+    ) -> dict[str, Any]:
+        """Publish a `progress` event on `job:{job_id}` owned by `user_id`.
+
+        A terminal status (`completed`, `failed`, `cancelled`) is also
+        delivered to `user:{user_id}` as a `notification` by the server, so a
+        user who closed the job's page still hears how it ended.
+        """
+        if not isinstance(status, str) or not status:
+            raise PublishError("bad_request", "status must be a non-empty string")
+        if isinstance(progress, bool) or not isinstance(progress, int | float):
+            raise PublishError("bad_request", "progress must be a number")
+        data = {
+            "jobId": job_id,
+            "status": status,
+            "progress": progress,
+            "stage": stage,
+            "message": message,
+        }
+        return await self.publish(f"job:{job_id}", "progress", data, owner=user_id)
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the transport's resources."""
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class HttpPublisher(Publisher):
+    """The HTTP API client (`POST /api/v1/publish`, `/broadcast`, `/jobs`).
+
+    The API key travels in the `Authorization` header, never in the URL.
+    """
+
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 10.0) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = {
+            "Authorization": f"apikey {api_key}",
+            "Content-Type": "application/json",
+        }
+        self._timeout = timeout
+        # A client of our own: closing it must not close the loop's shared one.
+        self._client = AsyncHTTPClient(force_instance=True)
+
+    async def publish(
+        self, channel: str, event: str, data: Any, *, owner: str | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"channel": channel, "event": event, "data": data}
+        if owner is not None:
+            body["owner"] = owner
+        return await self._post("/api/v1/publish", body)
+
+    async def broadcast(
+        self, channels: Iterable[str], event: str, data: Any
+    ) -> list[dict[str, Any]]:
+        body = {"channels": list(channels), "event": event, "data": data}
+        reply = await self._post("/api/v1/broadcast", body)
+        return list(reply["publications"])
+
+    async def register_job(self, job_id: str, owner: str) -> None:
+        await self._post("/api/v1/jobs", {"job": job_id, "owner": owner})
+
+    async def close(self) -> None:
+        self._client.close()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            payload = orjson.dumps(body)
+        except TypeError as exc:
+            raise PublishError("bad_request", f"data is not JSON-serialisable: {exc}") from None
+        request = HTTPRequest(
+            self._base + path,
+            method="POST",
+            headers=self._headers,
+            body=payload,
+            request_timeout=self._timeout,
+        )
+        try:
+            response = await self._client.fetch(request)
+        except HTTPClientError as exc:
+            raise _error_from(exc) from None
+        except OSError as exc:
+            raise PublishError("unavailable", f"cannot reach Herald: {exc}") from None
+        return orjson.loads(response.body)
+
+
+def _error_from(exc: HTTPClientError) -> PublishError:
+    """Turn an HTTP error into the protocol's code, read from Herald's error body."""
+    response = exc.response
+    if response is None:  # timeout or connection failure (599)
+        return PublishError("unavailable", f"cannot reach Herald: {exc.message}")
+    try:
+        problem = orjson.loads(response.body or b"")
+        return PublishError(str(problem["error"]), str(problem["message"]), exc.code)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        code = "internal" if exc.code >= 500 else "bad_request"
+        return PublishError(code, f"HTTP {exc.code}: {exc.message}", exc.code)
