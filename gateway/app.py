@@ -26,6 +26,7 @@ def make_app(node: Node, **overrides: Any) -> Application:
         (rf"/api/v1/channels/{CHANNEL}/state", api.StateHandler, deps),
         (rf"/api/v1/channels/{CHANNEL}/history", api.HistoryHandler, deps),
         (r"/api/v1/stats", api.StatsHandler, deps),
+        (r"/api/v1/cluster", api.ClusterHandler, deps),
         (r"/healthz", ops.HealthHandler, deps),
         (r"/readyz", ops.ReadyHandler, deps),
         (r"/metrics", ops.MetricsHandler, deps),

@@ -10,7 +10,7 @@ with no gap and no duplicate.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.broker.base import Broker, Publication
 
@@ -19,6 +19,10 @@ class Subscriber(Protocol):
     """A connection that can receive publications (WebSocket, SSE)."""
 
     def deliver(self, pub: Publication) -> None: ...
+
+    def forget(self, channel: str) -> None: ...
+
+    def send_json(self, message: dict[str, Any]) -> None: ...
 
 
 class Hub:
@@ -43,6 +47,9 @@ class Hub:
 
     def subscribers(self, channel: str) -> int:
         return len(self._channels.get(channel, ()))
+
+    def subscribers_of(self, channel: str) -> list[Subscriber]:
+        return list(self._channels.get(channel, ()))
 
     async def add(self, sub: Subscriber, channel: str) -> None:
         """Register `sub` in recovering state; returns once the broker feeds the channel."""

@@ -66,5 +66,12 @@ class Metrics:
             registry=r,
         )
 
+        self.shed = Counter(
+            "herald_connections_shed_total",
+            "Clients asked to reconnect elsewhere, by reason (rebalance, draining)",
+            ["reason"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from collections.abc import Coroutine
@@ -19,9 +20,10 @@ from gateway.broker import create_broker
 from gateway.broker.base import Broker, BrokerUnavailable, History, Publication, Snapshot
 from gateway.channels import Access, Namespace, Namespaces, claim_allows, validate_channel
 from gateway.config import Settings
-from gateway.errors import ProtocolError
+from gateway.errors import CloseCode, ProtocolError
 from gateway.hub import Hub
 from gateway.metrics import Metrics
+from gateway.registry import RegistryWriter
 
 if TYPE_CHECKING:
     from gateway.session import Session
@@ -51,23 +53,94 @@ class Node:
         self.namespaces = Namespaces.from_config(settings.namespaces)
         self.hub = Hub(self.broker, recovery_buffer=settings.send_buffer_messages)
         self.metrics = Metrics()
-        self.broker.set_handler(self._on_publication)
+        self.broker.set_handlers(self._on_publication, self._on_reset, self.namespaces.of)
         self.auth = Authenticator(settings)
         self.sessions: set[Session] = set()
         self.draining = False
         self.started = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.registry = RegistryWriter(self)
 
     def _on_publication(self, pub: Publication) -> None:
         delivered = self.hub.dispatch(pub)
         if delivered:
             self.metrics.messages_out.inc(delivered)
 
+    def _on_reset(self, channel: str, snap: Snapshot) -> None:
+        """The engine lost this channel's history: every subscriber refetches state.
+
+        Sent as an unsolicited `subscribed` with `recovered: false`, the same
+        answer a client gets for a `since` that no longer resolves, so client
+        code has one path for both.
+        """
+        ns = self.namespaces.of(channel)
+        reply: dict[str, Any] = {
+            "type": "subscribed",
+            "channel": channel,
+            "recovered": False,
+            "epoch": snap.epoch,
+            "offset": snap.offset,
+        }
+        if ns.state:
+            reply["state"] = snap.state
+        self.metrics.recovered.labels("false").inc()
+        for sub in self.hub.subscribers_of(channel):
+            sub.forget(channel)
+            sub.send_json(reply)
+
     async def start(self) -> None:
         await self.broker.start()
+        self.broker.add_control(self.id, self._on_control)
+        self.registry.start()
 
     async def close(self) -> None:
+        await self.registry.stop()
         await self.broker.close()
+
+    # -- shedding and draining ----------------------------------------------
+
+    def _on_control(self, command: dict[str, Any]) -> None:
+        """Commands from the operator on this node's control channel."""
+        cmd = command.get("cmd")
+        if cmd == "shed":
+            count = command.get("count")
+            if isinstance(count, int) and count > 0:
+                log.info("control: shedding %d connections", count)
+                self.spawn(self.shed(count, "rebalance"))
+        elif cmd == "drain":
+            log.info("control: draining")
+            self.spawn(self.drain())
+        else:
+            log.warning("control: unknown command %r", command)
+
+    async def shed(self, count: int, reason: str, window: float = 1.0) -> int:
+        """Ask `count` clients (least recently active first) to reconnect elsewhere.
+
+        Each gets `reconnect` with a jittered `after_ms`, then close 1012; the
+        closes are spread over `window` seconds so they do not arrive at the
+        other gateways as one herd.
+        """
+        victims = sorted(self.sessions, key=lambda s: s.last_active)[:count]
+        if not victims:
+            return 0
+        step = window / len(victims)
+        for i, session in enumerate(victims):
+            after_ms = int(random.uniform(0.5, 1.5) * min(5000, 500 + step * 1000 * i))
+            session.send_json({"type": "reconnect", "reason": reason, "after_ms": after_ms})
+            session.close(CloseCode.RESTARTING, reason)
+            self.metrics.shed.labels(reason).inc()
+            if step and i + 1 < len(victims):
+                await asyncio.sleep(step)
+        return len(victims)
+
+    async def drain(self, window: float | None = None) -> None:
+        """Turn not-ready and move every client away within the drain window."""
+        if self.draining:
+            return
+        self.draining = True
+        window = self.settings.drain_seconds if window is None else window
+        # Leave a fifth of the window for the last closes to flush.
+        await self.shed(len(self.sessions), "draining", window * 0.8)
 
     @property
     def ready(self) -> bool:
@@ -145,15 +218,19 @@ class Node:
             session.overflowed()
 
     async def _position(
-        self, ns: Namespace, channel: str, since: tuple[str, int] | None, seen: int | None
+        self,
+        ns: Namespace,
+        channel: str,
+        since: tuple[str, int] | None,
+        seen: Publication | None,
     ) -> tuple[dict[str, Any], list[Publication]]:
         reply: dict[str, Any] = {"type": "subscribed", "channel": channel}
         replay: list[Publication] = []
         position: History | Snapshot
         if since is not None:
             epoch, offset = since
-            if seen is not None:
-                offset = max(offset, seen)  # already sent on this connection
+            if seen is not None and seen.epoch == epoch:
+                offset = max(offset, seen.offset)  # already sent on this connection
             position = await self._call(
                 self.broker.history(ns, channel, offset, max(ns.history_size, 1))
             )
@@ -207,6 +284,10 @@ class Node:
         ns = await self.authorize(claims, channel)
         return await self._call(self.broker.history(ns, channel, since, limit))
 
+    async def cluster(self) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = await self._call(self.broker.read_nodes())
+        return sorted(nodes, key=lambda n: str(n.get("node", "")))
+
     async def register_job(self, channel: str, owner: str) -> None:
         await self._call(self.broker.register_owner(channel, owner))
 
@@ -236,6 +317,7 @@ class Node:
             "messages_in": self._sample("herald_messages_in_total"),
             "messages_out": self._sample("herald_messages_out_total"),
             "publications": self._sample("herald_publications_total"),
+            "broker_messages_in": self.broker.messages_in,
         }
 
     def _sample(self, name: str) -> int:

@@ -17,14 +17,15 @@ codes, not on transport details.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-__all__ = ["HttpPublisher", "PublishError", "Publisher"]
+__all__ = ["HttpPublisher", "PublishError", "Publisher", "RedisPublisher"]
 
 
 class PublishError(Exception):
@@ -177,3 +178,79 @@ def _error_from(exc: HTTPClientError) -> PublishError:
     except (orjson.JSONDecodeError, KeyError, TypeError):
         code = "internal" if exc.code >= 500 else "bad_request"
         return PublishError(code, f"HTTP {exc.code}: {exc.message}", exc.code)
+
+
+class RedisPublisher(Publisher):
+    """Straight to Redis with the gateways' own Lua script: no HTTP hop.
+
+    For workers that live next to Redis. Validation, size bounds, owner
+    checks and terminal-job notifications are the very code the gateway runs
+    (`gateway.publishing`), so a publication means the same either way.
+
+        async with RedisPublisher("redis://redis:6379/0") as pub:
+            await pub.job_progress("550e8400", "user-123", "processing", 45)
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        prefix: str = "herald:",
+        namespaces: str = "",
+        max_publish_bytes: int = 262144,
+    ) -> None:
+        from gateway.broker.redis import RedisBroker
+        from gateway.channels import Namespaces
+
+        self._broker = RedisBroker(redis_url, prefix=prefix)
+        self._namespaces = Namespaces.from_config(namespaces)
+        self._max_bytes = max_publish_bytes
+
+    @classmethod
+    def from_env(cls) -> RedisPublisher:
+        """Configured by the gateway's own `HERALD_*` variables."""
+        from gateway.config import Settings
+
+        settings = Settings.from_env()
+        if not settings.redis_url:
+            raise PublishError("bad_request", "HERALD_REDIS_URL is not set")
+        return cls(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            namespaces=settings.namespaces,
+            max_publish_bytes=settings.max_publish_bytes,
+        )
+
+    async def publish(
+        self, channel: str, event: str, data: Any, *, owner: str | None = None
+    ) -> dict[str, Any]:
+        from gateway import publishing
+
+        body = {"channel": channel, "event": event, "data": data, "owner": owner}
+        async with self._errors():
+            req = publishing.PublishRequest.parse(body, self._max_bytes)
+            pub = await publishing.publish(self._broker, self._namespaces, req)
+        return {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
+
+    async def register_job(self, job_id: str, owner: str) -> None:
+        from gateway.channels import validate_channel
+
+        async with self._errors():
+            await self._broker.register_owner(validate_channel(f"job:{job_id}"), owner)
+
+    async def close(self) -> None:
+        await self._broker.close()
+
+    @contextlib.asynccontextmanager
+    async def _errors(self) -> AsyncIterator[None]:
+        from gateway.broker.base import BrokerUnavailable
+        from gateway.errors import ProtocolError
+
+        try:
+            yield
+        except ProtocolError as exc:
+            raise PublishError(exc.code, exc.message) from None
+        except BrokerUnavailable as exc:
+            raise PublishError("unavailable", f"redis unavailable: {exc}") from None
+        except TypeError as exc:
+            raise PublishError("bad_request", f"data is not JSON-serialisable: {exc}") from None

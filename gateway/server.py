@@ -31,6 +31,11 @@ class RunningGateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    async def drain_and_stop(self) -> None:
+        """SIGTERM: not ready at once, clients moved away over the drain window, then exit."""
+        await self.node.drain()
+        await self.stop()
+
     async def stop(self) -> None:
         self.server.stop()
         for session in list(self.node.sessions):
@@ -60,5 +65,16 @@ async def serve_forever(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping")
-    await gateway.stop()
+    log.info("draining %d connections over %.1fs", len(gateway.node.sessions),
+             settings.drain_seconds)
+    # A second signal stops at once.
+    drain = asyncio.ensure_future(gateway.drain_and_stop())
+    stop.clear()
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([drain, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        log.warning("second signal: stopping without finishing the drain")
+        drain.cancel()
+        await gateway.stop()
+    waiter.cancel()
+    log.info("stopped")

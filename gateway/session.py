@@ -8,6 +8,7 @@ with `since` on the same connection never repeats a message.
 from __future__ import annotations
 
 import abc
+import time
 from typing import Any, ClassVar
 
 from gateway.auth import Claims
@@ -22,16 +23,25 @@ class Session(abc.ABC):
         self.id = client_id
         self.claims = claims
         self.subscriptions: set[str] = set()
-        self._sent: dict[str, int] = {}
+        self._sent: dict[str, Publication] = {}
+        self.last_active = time.monotonic()
 
-    def delivered(self, channel: str) -> int | None:
-        """Offset of the last publication of `channel` this connection was sent."""
+    def touch(self) -> None:
+        """The client sent something; shedding prefers the least recently active."""
+        self.last_active = time.monotonic()
+
+    def delivered(self, channel: str) -> Publication | None:
+        """The last publication of `channel` this connection was sent."""
         return self._sent.get(channel)
+
+    def forget(self, channel: str) -> None:
+        """The channel's history was lost: nothing sent before counts any more."""
+        self._sent.pop(channel, None)
 
     def deliver(self, pub: Publication) -> None:
         """Write one publication; the hub's hot path, so no awaiting here."""
         if self.write_publication(pub):
-            self._sent[pub.channel] = pub.offset
+            self._sent[pub.channel] = pub
 
     @abc.abstractmethod
     def write_publication(self, pub: Publication) -> bool:

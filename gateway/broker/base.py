@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import wire
-from gateway.channels import Namespace
+from gateway.channels import UNCONFIGURED, Namespace
 
 TERMINAL_JOB_EVENTS = frozenset({"completed", "failed", "cancelled"})
 
@@ -110,10 +110,29 @@ class Broker(abc.ABC):
 
     def __init__(self) -> None:
         self._on_publication: Callable[[Publication], None] = lambda pub: None
+        self._on_reset: Callable[[str, Snapshot], None] = lambda channel, snap: None
+        self._namespace_of: Callable[[str], Namespace] = lambda channel: UNCONFIGURED
+        # Publications received by fan-in (from Redis, or locally): the proof
+        # that a node only receives what its own clients watch.
+        self.messages_in = 0
 
-    def set_handler(self, handler: Callable[[Publication], None]) -> None:
-        """Where publications of subscribed channels go (the node's hub)."""
-        self._on_publication = handler
+    def set_handlers(
+        self,
+        on_publication: Callable[[Publication], None],
+        on_reset: Callable[[str, Snapshot], None],
+        namespace_of: Callable[[str], Namespace],
+    ) -> None:
+        """Wire the engine to its node.
+
+        `on_publication` gets every publication of a subscribed channel, in
+        offset order; `on_reset` is told when a subscribed channel's history
+        was lost (new epoch) so its subscribers can refetch state;
+        `namespace_of` gives the history bounds of a channel the engine
+        re-reads on its own (after a reconnect).
+        """
+        self._on_publication = on_publication
+        self._on_reset = on_reset
+        self._namespace_of = namespace_of
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect; engines without a connection have nothing to do."""
@@ -171,6 +190,28 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def register_owner(self, channel: str, owner: str) -> None:
         """Record an owner; `forbidden` if another one is recorded already."""
+
+    # -- the node registry and control channel ---------------------------------
+
+    @abc.abstractmethod
+    async def write_node(self, node_id: str, stats: dict[str, Any], ttl: float) -> None:
+        """Publish this node's figures for the operator and `/api/v1/cluster`."""
+
+    @abc.abstractmethod
+    async def remove_node(self, node_id: str) -> None:
+        """Leave the registry at once (clean shutdown), instead of waiting for the TTL."""
+
+    @abc.abstractmethod
+    async def read_nodes(self) -> list[dict[str, Any]]:
+        """Every live node's last figures."""
+
+    @abc.abstractmethod
+    def add_control(self, node_id: str, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Deliver commands sent to `node_id` (shed, drain) to `handler`."""
+
+    @abc.abstractmethod
+    async def send_control(self, node_id: str, command: dict[str, Any]) -> None:
+        """Send a command to a node (the operator's side of the control channel)."""
 
 
 class BrokerUnavailable(Exception):

@@ -117,3 +117,17 @@ class StatsHandler(JsonHandler):
     def get(self) -> None:
         self.require_api_key()
         self.write_json(self.node.stats())
+
+
+class ClusterHandler(JsonHandler):
+    """GET /api/v1/cluster: every live node, from the shared registry (API key)."""
+
+    async def get(self) -> None:
+        self.require_api_key()
+        nodes = await self.node.cluster()
+        self.write_json(
+            {
+                "nodes": nodes,
+                "connections": sum(n.get("connections", 0) for n in nodes),
+            }
+        )

@@ -85,6 +85,12 @@ class GatewayWebSocket(WebSocketHandler):
 
     # -- handshake --------------------------------------------------------
 
+    def prepare(self) -> None:
+        if self.node.draining:
+            # Refused before the upgrade: the load balancer retries elsewhere.
+            self.set_status(503)
+            self.finish({"error": "unavailable", "message": "draining"})
+
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(origin, self.request.host, self.node.settings.allowed_origins)
 
@@ -196,6 +202,8 @@ class GatewayWebSocket(WebSocketHandler):
     async def on_message(self, message: str | bytes) -> None:
         node = self.node
         node.metrics.messages_in.inc()
+        if self.session is not None:
+            self.session.touch()
         rid: str | int | None = None
         try:
             if not self._bucket.take():

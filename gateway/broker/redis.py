@@ -1,0 +1,466 @@
+"""The Redis engine: many stateless gateways behaving as one service.
+
+Publishing is one Lua call (offset, history, state, owner, PUBLISH). Fan-in
+uses one dedicated pub/sub connection per gateway, subscribed only to the
+channels its clients watch; SUBSCRIBE/UNSUBSCRIBE requests made in the same
+event-loop turn go out as one command, so a reconnect storm of thousands of
+clients costs a handful of round trips.
+
+Outages: the reader reconnects with capped, jittered exponential backoff,
+re-subscribes everything, and closes the gap itself: for each channel it
+reads the stream after the last offset it dispatched and hands the missing
+publications to the hub before any new live one. When a channel's epoch has
+changed (Redis lost its data) it reports a reset instead, and the node
+tells the channel's subscribers to refetch state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    History,
+    Publication,
+    Snapshot,
+    new_epoch,
+)
+from gateway.broker.redis_scripts import PUBLISH, READ, Keys
+from gateway.channels import Namespace
+from gateway.errors import ProtocolError
+
+log = logging.getLogger("herald.redis")
+
+OWNER_TTL = 7 * 86400
+PING_INTERVAL = 5.0
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 5.0
+COMMAND_TIMEOUT = 5.0
+
+ControlHandler = Callable[[dict[str, Any]], None]
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for `redis://`, `rediss://` (TLS), or `redis+sentinel://`.
+
+    Sentinel form: `redis+sentinel://[user:password@]host1:port1,host2:port2/<master>[/db]`
+    (`?sentinel_password=...` if the sentinels need their own password).
+    """
+    if url.startswith("redis+sentinel://"):
+        from redis.asyncio.sentinel import Sentinel
+
+        parsed = urlparse(url)
+        netloc = parsed.netloc.rpartition("@")[2]
+        hosts = []
+        for item in netloc.split(","):
+            host, _, port = item.partition(":")
+            hosts.append((host, int(port or 26379)))
+        parts = [p for p in parsed.path.split("/") if p]
+        if not parts:
+            raise ValueError("redis+sentinel:// URL needs the master name as its path")
+        query = parse_qs(parsed.query)
+        sentinel_kwargs = {}
+        if "sentinel_password" in query:
+            sentinel_kwargs["password"] = query["sentinel_password"][0]
+        sentinel = Sentinel(
+            hosts,
+            sentinel_kwargs=sentinel_kwargs,
+            username=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            db=int(parts[1]) if len(parts) > 1 else 0,
+            socket_timeout=COMMAND_TIMEOUT,
+        )
+        return sentinel.master_for(parts[0])
+    return aioredis.Redis.from_url(
+        url, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=COMMAND_TIMEOUT
+    )
+
+
+def _json_str(value: str) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _decode(entries: list[Any], horizon: float) -> list[Publication]:
+    """Stream entries -> publications, dropping the ones older than the history age."""
+    pubs = []
+    for _id, fields in entries:
+        pub = Publication.from_record(orjson.loads(fields[1]))  # the one field, `r`
+        if pub.time >= horizon:
+            pubs.append(pub)
+    return pubs
+
+
+class RedisBroker(Broker):
+    def __init__(self, url: str, *, prefix: str = "herald:") -> None:
+        super().__init__()
+        self.url = url
+        self.keys = Keys(prefix)
+        self.client = connect(url)
+        self._publish = self.client.register_script(PUBLISH)
+        self._read = self.client.register_script(READ)
+        self._control: dict[str, ControlHandler] = {}
+        # Channels the hub wants, and what this node last dispatched for each.
+        self._wanted: set[str] = set()
+        self._last: dict[str, tuple[str, int]] = {}
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        self._batch_sub: set[str] = set()
+        self._batch_unsub: set[str] = set()
+        self._flush_scheduled = False
+        self._conn: Connection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.reconnects = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def add_control(self, node_id: str, handler: ControlHandler) -> None:
+        """Listen on the node's control pub/sub channel (subscribed at every (re)connect)."""
+        self._control[self.keys.control(node_id)] = handler
+        if self._conn is not None and self._connected.is_set():
+            self._spawn(self._send(self._conn, "SUBSCRIBE", [self.keys.control(node_id)]))
+
+    async def send_control(self, node_id: str, command: dict[str, Any]) -> None:
+        await self._cmd(self.client.publish(self.keys.control(node_id), orjson.dumps(command)))
+
+    async def write_node(self, node_id: str, stats: dict[str, Any], ttl: float) -> None:
+        k = self.keys
+        now = time.time()
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(k.node(node_id), orjson.dumps(stats), px=int(ttl * 1000))
+            pipe.zadd(k.nodes, {node_id: now})
+            pipe.zremrangebyscore(k.nodes, "-inf", now - 3600)
+            await self._cmd(pipe.execute())
+
+    async def remove_node(self, node_id: str) -> None:
+        k = self.keys
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.delete(k.node(node_id))
+            pipe.zrem(k.nodes, node_id)
+            await self._cmd(pipe.execute())
+
+    async def read_nodes(self) -> list[dict[str, Any]]:
+        k = self.keys
+        ids = await self._cmd(self.client.zrangebyscore(k.nodes, time.time() - 3600, "+inf"))
+        if not ids:
+            return []
+        values = await self._cmd(self.client.mget([k.node(i.decode()) for i in ids]))
+        return [orjson.loads(v) for v in values if v is not None]
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._run_reader(), name="herald-redis-reader")
+        try:
+            await asyncio.wait_for(self._connected.wait(), COMMAND_TIMEOUT)
+        except TimeoutError:
+            log.warning("redis not reachable at start; serving as not ready and retrying")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._conn is not None:
+            await self._conn.disconnect()
+        await self.client.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self._connected.is_set()
+
+    # -- commands ----------------------------------------------------------
+
+    async def _cmd(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from None
+
+    async def publish(
+        self,
+        namespace: Namespace,
+        channel: str,
+        event: str,
+        data: Any,
+        *,
+        owner: str | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> Publication:
+        now = time.time()
+        k = self.keys
+        result = await self._cmd(
+            self._publish(
+                keys=[k.meta(channel), k.stream(channel), k.state(channel), k.owner(channel)],
+                args=[
+                    k.pubsub(channel),
+                    _json_str(channel),
+                    _json_str(event),
+                    orjson.dumps(data),
+                    repr(now),
+                    orjson.dumps(meta or {}),
+                    namespace.history_size,
+                    max(1, int(namespace.history_ttl)),
+                    "1" if namespace.state else "0",
+                    owner or "",
+                    OWNER_TTL,
+                    new_epoch(),
+                ],
+            )
+        )
+        if result[0] == b"forbidden":
+            raise ProtocolError("forbidden", f"{channel} belongs to another owner")
+        return Publication(
+            channel, event, data, result[0].decode(), int(result[1]), now, meta or {}
+        )
+
+    async def _read_channel(
+        self, namespace: Namespace, channel: str, mode: str, since: int, limit: int
+    ) -> list[Any]:
+        k = self.keys
+        return await self._cmd(
+            self._read(
+                keys=[k.meta(channel), k.stream(channel), k.state(channel)],
+                args=[mode, new_epoch(), max(1, int(namespace.history_ttl)), since, limit],
+            )
+        )
+
+    async def history(
+        self, namespace: Namespace, channel: str, since: int | None, limit: int
+    ) -> History:
+        start = -1 if since is None else since
+        epoch, offset, entries = await self._read_channel(
+            namespace, channel, "history", start, limit + 1
+        )
+        offset = int(offset)
+        pubs = _decode(entries, time.time() - namespace.history_ttl)
+        cut = len(pubs) > limit
+        pubs = pubs[:limit]
+        if since is None:
+            complete = not cut
+        else:
+            first = pubs[0].offset if pubs else offset + 1
+            complete = since <= offset and first <= since + 1 and not cut
+        return History(epoch.decode(), offset, pubs, complete)
+
+    async def snapshot(self, namespace: Namespace, channel: str) -> Snapshot:
+        epoch, offset, flat = await self._read_channel(namespace, channel, "state", -1, 0)
+        state = {orjson.loads(flat[i]): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return Snapshot(epoch.decode(), int(offset), state)
+
+    async def owner(self, channel: str) -> str | None:
+        value = await self._cmd(self.client.get(self.keys.owner(channel)))
+        return value.decode() if value is not None else None
+
+    async def register_owner(self, channel: str, owner: str) -> None:
+        key = self.keys.owner(channel)
+        # SET NX first; if someone holds it, it must be the same owner.
+        created = await self._cmd(self.client.set(key, owner, ex=OWNER_TTL, nx=True))
+        if created:
+            return
+        recorded = await self.owner(channel)
+        if recorded is not None and recorded != owner:
+            raise ProtocolError("forbidden", f"{channel} belongs to another owner")
+        await self._cmd(self.client.set(key, owner, ex=OWNER_TTL))
+
+    # -- subscriptions (batched) ---------------------------------------------
+
+    async def subscribe(self, channels: list[str]) -> None:
+        if not self._connected.is_set():
+            raise BrokerUnavailable("redis pub/sub is not connected")
+        loop = asyncio.get_running_loop()
+        waits = []
+        for channel in channels:
+            self._wanted.add(channel)
+            self._batch_unsub.discard(channel)
+            fut = self._confirm.get(channel)
+            if fut is None:
+                fut = self._confirm[channel] = loop.create_future()
+                self._batch_sub.add(channel)
+            waits.append(fut)
+        self._schedule_flush()
+        try:
+            await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, waits)), COMMAND_TIMEOUT)
+        except TimeoutError:
+            raise BrokerUnavailable("redis did not confirm the subscription") from None
+
+    async def unsubscribe(self, channels: list[str]) -> None:
+        for channel in channels:
+            self._wanted.discard(channel)
+            self._last.pop(channel, None)
+            if channel in self._batch_sub:
+                self._batch_sub.discard(channel)
+                fut = self._confirm.pop(channel, None)
+                if fut is not None and not fut.done():
+                    fut.cancel()
+            else:
+                self._batch_unsub.add(channel)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        conn = self._conn
+        if conn is None or not self._connected.is_set():
+            return  # the reconnect re-subscribes everything wanted
+        subs = [self.keys.pubsub(c) for c in self._batch_sub]
+        unsubs = [self.keys.pubsub(c) for c in self._batch_unsub if c not in self._wanted]
+        self._batch_sub.clear()
+        self._batch_unsub.clear()
+        for command, names in (("SUBSCRIBE", subs), ("UNSUBSCRIBE", unsubs)):
+            if names:
+                self._spawn(self._send(conn, command, names))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, conn: Connection, command: str, names: list[str]) -> None:
+        try:
+            await conn.send_command(command, *names)
+        except (RedisError, OSError) as exc:
+            log.warning("%s failed: %s; the reader will reconnect", command, exc)
+            await conn.disconnect()
+
+    # -- the reader ----------------------------------------------------------
+
+    async def _run_reader(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                await self._connect_pubsub()
+                attempt = 0
+                await self._read_loop()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self._connected.is_set():
+                    log.warning("redis pub/sub lost: %s", exc)
+                self._connected.clear()
+                self.reconnects += 1
+            finally:
+                self._connected.clear()
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._conn.disconnect()
+                    self._conn = None
+            if self._closing:
+                return
+            # Full jitter: spreads a fleet's reconnects after a Redis restart.
+            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _connect_pubsub(self) -> None:
+        conn = self.client.connection_pool.make_connection()
+        await conn.connect()
+        self._conn = conn
+        names = [self.keys.pubsub(c) for c in self._wanted] + list(self._control)
+        self._batch_sub.clear()
+        self._batch_unsub.clear()
+        if names:
+            await conn.send_command("SUBSCRIBE", *names)
+            pending = set(names)
+            while pending:
+                reply = await conn.read_response(timeout=COMMAND_TIMEOUT, push_request=True)
+                if reply is None:
+                    raise RedisTimeoutError("no SUBSCRIBE confirmation")
+                if reply[0] == b"subscribe":
+                    pending.discard(reply[1].decode())
+                # live messages before all confirmations are re-read by the resync
+        resynced = await self._resync()
+        self._connected.set()
+        for channel in list(self._wanted):
+            self._confirmed(channel)
+        if resynced:
+            log.info("redis pub/sub (re)connected; %d channels resynchronised", resynced)
+
+    async def _resync(self) -> int:
+        """Close the gap of every channel after a reconnect, before going live."""
+        count = 0
+        for channel, (epoch, offset) in list(self._last.items()):
+            if channel not in self._wanted:
+                continue
+            ns = self._namespace_of(channel)
+            hist = await self.history(ns, channel, offset, max(ns.history_size, 1))
+            if hist.epoch == epoch and hist.complete:
+                for pub in hist.publications:
+                    self._dispatch(pub)
+            else:
+                snap = await self.snapshot(ns, channel)
+                self._last[channel] = (snap.epoch, snap.offset)
+                self._on_reset(channel, snap)
+            count += 1
+        return count
+
+    def _confirmed(self, channel: str) -> None:
+        fut = self._confirm.pop(channel, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _read_loop(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        prefix = self.keys.pubsub_prefix
+        plen = len(prefix)
+        idle_since = time.monotonic()
+        while True:
+            try:
+                reply = await conn.read_response(timeout=PING_INTERVAL, push_request=True)
+            except RedisTimeoutError:
+                reply = None
+            if reply is None:
+                if time.monotonic() - idle_since > 3 * PING_INTERVAL:
+                    raise RedisTimeoutError("pub/sub connection silent")
+                await conn.send_command("PING")
+                continue
+            idle_since = time.monotonic()
+            kind = reply[0]
+            if kind == b"message":
+                name = reply[1].decode()
+                if name.startswith(prefix):
+                    self.messages_in += 1
+                    pub = Publication.from_record(orjson.loads(reply[2]))
+                    if name[plen:] in self._wanted:
+                        self._dispatch(pub)
+                else:
+                    handler = self._control.get(name)
+                    if handler is not None:
+                        self._control_message(handler, reply[2])
+            elif kind == b"subscribe":
+                self._confirmed(reply[1].decode()[plen:])
+
+    def _dispatch(self, pub: Publication) -> None:
+        last = self._last.get(pub.channel)
+        if last is not None and last[0] == pub.epoch and pub.offset <= last[1]:
+            return  # already dispatched (resync overlap)
+        self._last[pub.channel] = (pub.epoch, pub.offset)
+        self._on_publication(pub)
+
+    def _control_message(self, handler: ControlHandler, raw: bytes) -> None:
+        try:
+            command = orjson.loads(raw)
+            if isinstance(command, dict):
+                handler(command)
+        except Exception:
+            log.exception("control command failed: %r", raw[:200])

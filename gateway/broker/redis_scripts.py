@@ -1,0 +1,122 @@
+"""Keys and Lua scripts of the Redis engine: the shared data layout, in one place.
+
+Everything a channel has lives under keys sharing the hash tag `{channel}`,
+so on Redis Cluster one script touches one slot:
+
+    {prefix}{<channel>}:meta    hash   epoch, offset           (TTL = history ttl)
+    {prefix}{<channel>}:stream  stream one entry per publication, id `<offset>-1`,
+                                field `r` = the encoded record  (capped, TTL)
+    {prefix}{<channel>}:state   hash   event -> latest data     (state namespaces)
+    {prefix}{<channel>}:owner   string the job's owner          (7 days)
+    {prefix}pub:<channel>       pub/sub channel carrying the records
+
+The record is built inside the script by concatenation, never by decoding
+the publisher's JSON: numbers survive byte for byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "herald:"
+
+    def meta(self, channel: str) -> str:
+        return f"{self.prefix}{{{channel}}}:meta"
+
+    def stream(self, channel: str) -> str:
+        return f"{self.prefix}{{{channel}}}:stream"
+
+    def state(self, channel: str) -> str:
+        return f"{self.prefix}{{{channel}}}:state"
+
+    def owner(self, channel: str) -> str:
+        return f"{self.prefix}{{{channel}}}:owner"
+
+    def pubsub(self, channel: str) -> str:
+        return f"{self.prefix}pub:{channel}"
+
+    @property
+    def pubsub_prefix(self) -> str:
+        return f"{self.prefix}pub:"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}node:{node_id}"
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}nodes"
+
+    def control(self, node_id: str) -> str:
+        return f"{self.prefix}control:{node_id}"
+
+
+# Shared by both scripts: the channel's epoch, starting a fresh one (and
+# clearing leftovers of an expired one) when the meta hash is gone.
+_EPOCH = """
+local function current_epoch(meta, stream, state, candidate, ttl)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    redis.call('DEL', stream, state)
+    redis.call('HSET', meta, 'epoch', candidate, 'offset', 0)
+    redis.call('EXPIRE', meta, ttl)
+    epoch = candidate
+  end
+  return epoch
+end
+"""
+
+# KEYS: meta, stream, state, owner
+# ARGV: pubsub channel, channel json, event json, data json, time, meta json,
+#       history size, ttl, state flag, owner ('' = none), owner ttl, epoch candidate
+PUBLISH = (
+    _EPOCH
+    + """
+local owner = ARGV[10]
+if owner ~= '' then
+  local recorded = redis.call('GET', KEYS[4])
+  if recorded and recorded ~= owner then
+    return {'forbidden', recorded}
+  end
+  redis.call('SET', KEYS[4], owner, 'EX', tonumber(ARGV[11]))
+end
+local ttl = tonumber(ARGV[8])
+local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[12], ttl)
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+redis.call('EXPIRE', KEYS[1], ttl)
+local record = '{"c":' .. ARGV[2] .. ',"e":' .. ARGV[3] .. ',"p":"' .. epoch ..
+  '","o":' .. offset .. ',"t":' .. ARGV[5] .. ',"m":' .. ARGV[6] .. ',"d":' .. ARGV[4] .. '}'
+local size = tonumber(ARGV[7])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'r', record)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+if ARGV[9] == '1' then
+  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+redis.call('PUBLISH', ARGV[1], record)
+return {epoch, offset}
+"""
+)
+
+# KEYS: meta, stream, state
+# ARGV: mode ('history' | 'state'), epoch candidate, ttl, since (-1 = all), limit
+# history -> {epoch, offset, entries...}   (entries are [id, [field, record]])
+# state   -> {epoch, offset, {event, data, ...}}
+READ = (
+    _EPOCH
+    + """
+local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[2], tonumber(ARGV[3]))
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+if ARGV[1] == 'state' then
+  return {epoch, offset, redis.call('HGETALL', KEYS[3])}
+end
+local since = tonumber(ARGV[4])
+local start = '-'
+if since >= 0 then start = (since + 1) .. '-0' end
+return {epoch, offset, redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', tonumber(ARGV[5]))}
+"""
+)
