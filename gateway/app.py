@@ -7,7 +7,8 @@ from typing import Any
 
 from tornado.web import Application, StaticFileHandler
 
-from gateway.handlers import api, ops
+from gateway.handlers import api, ops, pages
+from gateway.handlers.sse import SseHandler
 from gateway.handlers.websocket import GatewayWebSocket
 from gateway.node import Node
 
@@ -20,6 +21,7 @@ def make_app(node: Node, **overrides: Any) -> Application:
     deps = {"node": node}
     routes: list[Any] = [
         (r"/ws", GatewayWebSocket, deps),
+        (r"/sse", SseHandler, deps),
         (r"/api/v1/publish", api.PublishHandler, deps),
         (r"/api/v1/broadcast", api.BroadcastHandler, deps),
         (r"/api/v1/jobs", api.JobsHandler, deps),
@@ -33,6 +35,12 @@ def make_app(node: Node, **overrides: Any) -> Application:
     ]
     if STATIC.is_dir():
         routes.append((r"/static/(.*)", StaticFileHandler, {"path": str(STATIC)}))
+        static = {"path": str(STATIC)}
+        routes += [
+            (r"/(client\.js)", pages.ClientScriptHandler, static),
+            (r"/()", pages.DemoPageHandler, {**deps, **static}),
+            (r"/demo/token", pages.DemoTokenHandler, deps),
+        ]
     return Application(
         routes,
         websocket_ping_interval=settings.heartbeat,

@@ -1,0 +1,77 @@
+"""Browser-facing files: the client module, the demo page and its development token.
+
+The demo page and `/demo/token` exist only in development (`HERALD_DEMO`
+on, `HERALD_ENV` not production, an HS256 secret to sign with); otherwise
+both answer 404 as if they did not exist, so a production gateway never
+hands out a token to whoever asks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tornado.web import StaticFileHandler
+
+from gateway import demo
+from gateway.auth import mint_token
+from gateway.errors import ProtocolError
+from gateway.handlers.base import JsonHandler
+
+DEMO_TOKEN_TTL = 900  # short on purpose: the page shows token refresh at work
+
+
+class ClientScriptHandler(StaticFileHandler):
+    """`/client.js`: public code, loadable as a module script from any origin."""
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Access-Control-Allow-Origin", "*")
+        self.set_header("Content-Type", "text/javascript; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+
+
+class DemoPageHandler(StaticFileHandler):
+    """`/`: the demo dashboard (development only)."""
+
+    def initialize(self, node: Any, path: str) -> None:  # type: ignore[override]
+        super().initialize(path=path, default_filename="demo.html")
+        self.node = node
+
+    async def get(self, path: str = "", include_body: bool = True) -> None:
+        if not demo.demo_enabled(self.node):
+            self.set_status(404)
+            self.set_header("Content-Type", "application/json")
+            self.finish({"error": "not_found", "message": "the demo is off (HERALD_DEMO)"})
+            return
+        await super().get("demo.html", include_body)
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+
+class DemoTokenHandler(JsonHandler):
+    """`GET /demo/token`: a short-lived token for the demo user, and the jobs to watch."""
+
+    def get(self) -> None:
+        node = self.node
+        if not demo.demo_enabled(node):
+            raise ProtocolError("not_found", "the demo is off (HERALD_DEMO)")
+        worker = demo.worker_for(node)
+        settings = node.settings
+        tok = mint_token(
+            settings.jwt_secret,
+            demo.DEMO_USER,
+            ttl=DEMO_TOKEN_TTL,
+            algorithm=next((a for a in settings.algorithms if a.startswith("HS")), "HS256"),
+            roles_claim=settings.jwt_roles_claim,
+            channels_claim=settings.jwt_channels_claim,
+        )
+        self.write_json(
+            {
+                "token": tok,
+                "user": demo.DEMO_USER,
+                "expires_in": DEMO_TOKEN_TTL,
+                "jobs": list(worker.recent) if worker else [],
+                "simulated": worker is not None,
+            }
+        )

@@ -1,0 +1,236 @@
+"""`GET /sse`: the Server-Sent Events fallback (PROTOCOL.md §4).
+
+For clients whose proxies break WebSockets. It is a second transport over
+the same `Node` API as `/ws` (authorize, subscribe, drop_session), so the
+permission and recovery rules exist once. Differences that come from HTTP:
+
+- every problem found before the stream starts (no token, a bad, forbidden
+  or unknown channel, too many channels) is an HTTP error with the usual
+  JSON body, so an `EventSource` never half-opens on a refused request;
+- each event is one protocol frame (`connected`, `subscribed`, `message`,
+  `error`, `reconnect`) as JSON in `data:`, with the default event type, so
+  a client parses SSE and WebSocket frames with the same code;
+- `id: <channel>|<epoch>|<offset>` on every `subscribed` and `message`, and
+  a reconnecting EventSource's `Last-Event-ID` resumes that channel exactly
+  like `since`. One stream has one Last-Event-ID, so a multi-channel client
+  also passes `since=<channel>|<epoch>|<offset>` per channel (client.js
+  does);
+- heartbeats are SSE comments, which EventSource ignores but proxies see;
+- the outgoing buffer is bounded like a WebSocket's: past
+  `send_buffer_bytes` the stream is cut and the client resumes by offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from tornado.iostream import StreamClosedError
+
+from gateway import wire
+from gateway.auth import Claims
+from gateway.broker.base import Publication
+from gateway.channels import validate_channel
+from gateway.errors import CloseCode, ProtocolError
+from gateway.handlers.base import JsonHandler
+from gateway.session import Session
+
+log = logging.getLogger("herald.sse")
+
+RETRY_MS = 2000  # EventSource's own reconnect delay, sent once per stream
+
+
+def event_id(channel: str, epoch: str, offset: int) -> str:
+    return f"{channel}|{epoch}|{offset}"
+
+
+def parse_position(raw: str, what: str) -> tuple[str, tuple[str, int]]:
+    """`channel|epoch|offset` -> (channel, (epoch, offset)), or `bad_request` saying why."""
+    parts = raw.split("|")
+    if len(parts) != 3 or not parts[1]:
+        raise ProtocolError("bad_request", f"{what} must be 'channel|epoch|offset'")
+    channel, epoch, offset = parts
+    if not offset.isdigit():
+        raise ProtocolError("bad_request", f"{what}: offset must be an integer >= 0")
+    return validate_channel(channel), (epoch, int(offset))
+
+
+def sse_frame(payload: bytes, eid: str | None = None) -> bytes:
+    """One SSE event; the JSON never contains a raw newline, so one `data:` line is enough."""
+    head = b"id: " + eid.encode() + b"\n" if eid is not None else b""
+    return head + b"data: " + payload + b"\n\n"
+
+
+class SseSession(Session):
+    transport = "sse"
+
+    def __init__(self, handler: SseHandler, client_id: str, claims: Claims) -> None:
+        super().__init__(client_id, claims)
+        self.handler = handler
+
+    def write_publication(self, pub: Publication) -> bool:
+        eid = event_id(pub.channel, pub.epoch, pub.offset)
+        return self.handler.write_event(sse_frame(pub.json, eid))
+
+    def send_json(self, message: dict[str, Any]) -> None:
+        eid = None
+        if message.get("type") == "subscribed":
+            eid = event_id(message["channel"], message["epoch"], message["offset"])
+        self.handler.write_event(sse_frame(wire.encode(message), eid))
+
+    def close(self, code: int, reason: str) -> None:
+        self.handler.end_stream(code, reason)
+
+
+class SseHandler(JsonHandler):
+    """One EventSource stream: checks first, then `connected`, subscriptions, live events."""
+
+    def initialize(self, node: Any) -> None:
+        super().initialize(node)
+        self.session: SseSession | None = None
+        self._done = asyncio.Event()
+        self._close_code: int | None = None
+
+    async def get(self) -> None:
+        node = self.node
+        if node.draining:
+            # Like /ws: refused before the stream, so the client goes elsewhere.
+            raise ProtocolError("unavailable", "draining; reconnect to another gateway")
+        claims = await self.require_user()
+        plan = await self._plan(claims)
+        # Everything was checked: from here on, problems are events, not statuses.
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
+        self.write(f"retry: {RETRY_MS}\n\n")
+        self.flush()
+        node.metrics.connects.labels("sse").inc()
+        node.metrics.connections.labels("sse").inc()
+        session = self.session = SseSession(self, node.new_client_id(), claims)
+        node.sessions.add(session)
+        try:
+            session.send_json(
+                {
+                    "type": "connected",
+                    "client": session.id,
+                    "node": node.id,
+                    "user": claims.sub,
+                    "heartbeat": int(node.settings.heartbeat),
+                    "expires": int(claims.exp),
+                    "transport": "sse",
+                    "timestamp": wire.now_iso(),
+                }
+            )
+            for channel, since in plan:
+                if self._done.is_set():
+                    break
+                try:
+                    await node.subscribe(session, channel, since, None, check=False)
+                except ProtocolError as exc:
+                    self._send_error(exc, channel)
+            await self._stream(claims)
+        finally:
+            node.metrics.connections.labels("sse").dec()
+            node.metrics.disconnects.labels(str(self._close_code or 1000)).inc()
+            self.session = None
+            await node.drop_session(session)
+        if not self._finished and not self.request.connection.stream.closed():
+            self.finish()
+
+    async def _plan(self, claims: Claims) -> list[tuple[str, tuple[str, int] | None]]:
+        """Validate and authorize every channel; each one's `since`, if any."""
+        node = self.node
+        names = [validate_channel(c) for c in self.get_query_arguments("channel")]
+        own = f"user:{claims.sub}"
+        try:
+            validate_channel(own)
+        except ProtocolError:
+            own = ""  # a sub that makes no channel name: no automatic channel
+        channels = list(dict.fromkeys(([own] if own else []) + names))
+        if not channels:
+            raise ProtocolError("bad_request", "name at least one channel")
+        if len(channels) > node.settings.max_subscriptions:
+            raise ProtocolError(
+                "too_many_subscriptions",
+                f"at most {node.settings.max_subscriptions} channels per stream",
+            )
+        since: dict[str, tuple[str, int]] = {}
+        for raw in self.get_query_arguments("since"):
+            channel, position = parse_position(raw, "since")
+            since[channel] = position
+        last = self.request.headers.get("Last-Event-ID", "").strip()
+        if last:
+            # The newest position this stream delivered: it wins for its channel.
+            channel, position = parse_position(last, "Last-Event-ID")
+            since[channel] = position
+        for channel in channels:
+            if channel != own:
+                await node.authorize(claims, channel)
+        return [(c, since.get(c)) for c in channels]
+
+    async def _stream(self, claims: Claims) -> None:
+        """Heartbeat until the client leaves, the token expires or the node closes us."""
+        heartbeat = max(self.node.settings.heartbeat, 0.05)
+        while not self._done.is_set():
+            left = claims.exp - time.time()
+            if left <= 0:
+                self._send_error(ProtocolError("token_expired", "token expired; reconnect"))
+                self.end_stream(CloseCode.UNAUTHORIZED, "token expired")
+                return
+            try:
+                await asyncio.wait_for(self._done.wait(), min(heartbeat, left))
+            except TimeoutError:
+                self.write_event(b": heartbeat\n\n")
+
+    def _send_error(self, exc: ProtocolError, channel: str | None = None) -> None:
+        self.node.metrics.errors.labels(exc.code).inc()
+        message: dict[str, Any] = {
+            "type": "error",
+            "code": exc.code,
+            "message": exc.message,
+            "timestamp": wire.now_iso(),
+        }
+        if channel is not None:
+            message["channel"] = channel
+        self.write_event(sse_frame(wire.encode(message)))
+
+    # -- writing and closing ----------------------------------------------
+
+    def write_event(self, frame: bytes) -> bool:
+        """Write one event now, or cut a client that stopped reading (bounded buffer)."""
+        if self._done.is_set() or self._finished:
+            return False
+        stream = self.request.connection.stream
+        if stream.closed():
+            self._done.set()
+            return False
+        pending = len(stream._write_buffer)  # Tornado has no public accessor
+        if pending + len(frame) > self.node.settings.send_buffer_bytes:
+            self.node.metrics.dropped.labels("slow_consumer").inc()
+            self._close_code = CloseCode.SLOW_CONSUMER
+            self._done.set()
+            stream.close()
+            return False
+        self.write(frame)
+        try:
+            self.flush()
+        except StreamClosedError:
+            self._done.set()
+            return False
+        return True
+
+    def end_stream(self, code: int, reason: str) -> None:
+        """Close on purpose: tell the client why (a `closed` event), then end the response."""
+        if self._done.is_set():
+            return
+        self.write_event(
+            sse_frame(wire.encode({"type": "closed", "code": code, "reason": reason}))
+        )
+        self._close_code = code
+        self._done.set()
+
+    def on_connection_close(self) -> None:
+        if self._close_code is None:
+            self._close_code = 1001  # the client went away
+        self._done.set()

@@ -1,0 +1,545 @@
+// Herald browser client: an ES module with no dependencies.
+//
+//   import { HeraldClient } from "/client.js";
+//   const herald = new HeraldClient({ url: "https://rt.example.com", getToken });
+//   herald.on("state", (state) => console.log(state));
+//   herald.subscribe("job:42", { onMessage: (m) => ..., onState: (s) => ... });
+//   herald.connect();
+//
+// What it guarantees (see docs/client.md): every channel's messages reach
+// the callbacks once each, in offset order, across reconnects; when the
+// server says the history is gone (`recovered: false` or a new epoch), the
+// channel's `onState` gets the fresh snapshot instead. It prefers a
+// WebSocket, falls back to Server-Sent Events when WebSockets cannot open
+// although the gateway answers, and to polling the HTTP reads when neither
+// streams.
+
+export const STATES = Object.freeze([
+  "connecting", "connected", "reconnecting", "fallback:sse", "fallback:poll", "offline",
+]);
+
+const TRANSPORTS = ["ws", "sse", "poll"];
+const DEFAULTS = {
+  transports: TRANSPORTS,
+  backoffInitialMs: 500,    // first retry waits up to this (full jitter)
+  backoffMaxMs: 30000,      // cap of the exponential backoff
+  refreshBeforeMs: 60000,   // ask getToken() this long before the token expires
+  pollIntervalMs: 3000,     // fallback:poll cadence per channel
+  openTimeoutMs: 8000,      // a transport that has not said `connected` by then failed
+  retryWebSocketMs: 300000, // in a fallback, try the WebSocket again after this
+  historyLimit: 1000,
+};
+
+/** Decode a JWT's payload without verifying it (the server verifies). */
+function jwtPayload(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part + "===".slice((part.length + 3) % 4)));
+  } catch {
+    return {};
+  }
+}
+
+/** Capped exponential backoff with full jitter: uniform in [0, min(cap, base*2^n)]. */
+export function backoffDelay(attempt, baseMs, capMs, random = Math.random) {
+  return Math.floor(random() * Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30)));
+}
+
+class Channel {
+  constructor(name) {
+    this.name = name;
+    this.epoch = null;     // position of the last message handed to callbacks
+    this.offset = null;
+    this.listeners = new Set();
+    this.filling = false;  // catching up over HTTP; live messages wait in `held`
+    this.held = [];
+  }
+}
+
+export class HeraldClient {
+  /**
+   * @param {object} options
+   * @param {string} [options.url] gateway base URL (http/https); default: this page's origin
+   * @param {string} [options.token] a JWT
+   * @param {() => Promise<string>} [options.getToken] returns a fresh JWT (refresh, 4001)
+   */
+  constructor(options = {}) {
+    this.options = { ...DEFAULTS, ...options };
+    this.url = (options.url || globalThis.location.origin).replace(/\/$/, "");
+    this.token = options.token || null;
+    this.user = null;
+    this.state = "offline";
+    this.transport = null;
+    this.stats = { reconnects: 0, duplicates: 0, gapsFilled: 0, resets: 0 };
+    this._channels = new Map();
+    this._handlers = new Map();
+    this._transportIndex = 0;
+    this._attempt = 0;
+    this._plannedDelay = null;
+    this._conn = null;       // the open transport: {kind, close(), send?()}
+    this._timers = new Set();
+    this._refreshTimer = null;
+    this._stopped = true;
+    this._nextId = 1;
+    this._pending = new Map(); // request id -> channel, to route errors
+    this._onOnline = () => { if (!this._stopped) this._reopen(0); };
+    this._onOffline = () => { if (!this._stopped) this._down(null, "offline"); };
+  }
+
+  // -- public API -------------------------------------------------------
+
+  /** Listen to client events: "state" (state, previous), "message", "error", "connected". */
+  on(event, fn) {
+    if (!this._handlers.has(event)) this._handlers.set(event, new Set());
+    this._handlers.get(event).add(fn);
+    return () => this._handlers.get(event).delete(fn);
+  }
+
+  /**
+   * Watch a channel. Callbacks: onMessage(msg) for each publication, in order, once;
+   * onState(state, info) with the snapshot on first subscribe and after a reset;
+   * onError(error) for a refused subscribe ({code, message}).
+   * Returns {unsubscribe()}.
+   */
+  subscribe(name, callbacks = {}) {
+    let ch = this._channels.get(name);
+    const fresh = !ch;
+    if (fresh) {
+      ch = new Channel(name);
+      this._channels.set(name, ch);
+    }
+    ch.listeners.add(callbacks);
+    if (fresh) this._addToTransport(ch);
+    return { unsubscribe: () => this._unsubscribe(ch, callbacks) };
+  }
+
+  connect() {
+    if (!this._stopped) return this;
+    this._stopped = false;
+    globalThis.addEventListener?.("online", this._onOnline);
+    globalThis.addEventListener?.("offline", this._onOffline);
+    this._setState("connecting");
+    this._open();
+    return this;
+  }
+
+  close() {
+    this._stopped = true;
+    globalThis.removeEventListener?.("online", this._onOnline);
+    globalThis.removeEventListener?.("offline", this._onOffline);
+    this._clearTimers();
+    this._closeConn();
+    this._setState("offline");
+  }
+
+  // -- state and events -------------------------------------------------
+
+  _emit(event, ...args) {
+    for (const fn of this._handlers.get(event) || []) {
+      try { fn(...args); } catch (err) { console.error("herald: handler failed", err); }
+    }
+  }
+
+  _setState(state) {
+    if (state === this.state) return;
+    const previous = this.state;
+    this.state = state;
+    this._emit("state", state, previous);
+  }
+
+  _callListeners(ch, method, ...args) {
+    for (const cb of ch.listeners) {
+      if (typeof cb[method] !== "function") continue;
+      try { cb[method](...args); } catch (err) { console.error("herald: callback failed", err); }
+    }
+  }
+
+  _later(ms, fn) {
+    const t = setTimeout(() => { this._timers.delete(t); fn(); }, ms);
+    this._timers.add(t);
+    return t;
+  }
+
+  _clearTimers() {
+    for (const t of this._timers) clearTimeout(t);
+    this._timers.clear();
+    this._refreshTimer = null;
+  }
+
+  // -- opening and losing a transport -----------------------------------
+
+  async _open() {
+    if (this._stopped) return;
+    if (!this.token && this.options.getToken) {
+      try { this.token = await this.options.getToken(); } catch (err) { this._emit("error", err); }
+    }
+    if (!this.token) { this._fail("no token"); return; }
+    if (!this.user) this.user = jwtPayload(this.token).sub || null;
+    const kind = this.options.transports[this._transportIndex] || "poll";
+    this.transport = kind;
+    if (kind === "ws") this._openWs();
+    else if (kind === "sse") this._openSse();
+    else this._openPoll();
+  }
+
+  _closeConn() {
+    const conn = this._conn;
+    this._conn = null;
+    if (conn) conn.close();
+  }
+
+  /** Reopen after `delay` ms (null: exponential backoff with full jitter). */
+  _reopen(delay) {
+    this._closeConn();
+    if (this._stopped) return;
+    if (delay === null) {
+      delay = this._plannedDelay ?? backoffDelay(
+        this._attempt, this.options.backoffInitialMs, this.options.backoffMaxMs);
+      this._attempt += 1;
+    }
+    this._plannedDelay = null;
+    this.stats.reconnects += 1;
+    this._later(delay, () => this._open());
+  }
+
+  /**
+   * The transport went down. `opened`: it had said `connected`. `code`: the
+   * close code (WebSocket, or the SSE `closed` event) when known.
+   */
+  async _down(conn, reason, { opened = false, code = null } = {}) {
+    if (conn && conn !== this._conn) return; // an old transport's late news
+    this._closeConn();
+    if (this._stopped) return;
+    if (reason === "offline" || globalThis.navigator?.onLine === false) {
+      this._setState("offline");
+      return; // the "online" event reopens
+    }
+    if (code === 4001) {
+      // Unauthorized or expired: only a fresh token helps.
+      if (!this.options.getToken) { this._fail("unauthorized"); return; }
+      this.token = null;
+      this._setState("reconnecting");
+      this._reopen(null);
+      return;
+    }
+    if (!opened && this._plannedDelay === null && await this._gatewayAnswers()) {
+      // The gateway is up, yet this transport does not open: a proxy is in the way.
+      if (this._transportIndex < this.options.transports.length - 1) {
+        this._transportIndex += 1;
+        this._reopen(0);
+        this._later(this.options.retryWebSocketMs, () => this._retryFirstTransport());
+        return;
+      }
+    }
+    this._setState("reconnecting");
+    this._reopen(null);
+  }
+
+  _retryFirstTransport() {
+    if (this._stopped || this._transportIndex === 0) return;
+    this._transportIndex = 0;
+    this._reopen(0);
+  }
+
+  async _gatewayAnswers() {
+    try {
+      // readyz, not healthz: a draining gateway refuses upgrades on purpose.
+      const res = await fetch(`${this.url}/readyz`, { cache: "no-store" });
+      return res.ok;
+    } catch {
+      return false;
+    }
+  }
+
+  _fail(reason) {
+    this._emit("error", { code: "unauthorized", message: reason });
+    this._stopped = true;
+    this._clearTimers();
+    this._closeConn();
+    this._setState("offline");
+  }
+
+  _onConnected(frame, stateName) {
+    this._attempt = 0;
+    this.user = frame.user || this.user;
+    this._setState(stateName);
+    this._scheduleRefresh(frame.expires);
+    this._emit("connected", frame);
+  }
+
+  _scheduleRefresh(expires) {
+    if (this._refreshTimer) { clearTimeout(this._refreshTimer); this._timers.delete(this._refreshTimer); }
+    this._refreshTimer = null;
+    if (!expires || !this.options.getToken) return;
+    const wait = Math.max(0, expires * 1000 - Date.now() - this.options.refreshBeforeMs);
+    this._refreshTimer = this._later(wait, () => this._refresh());
+  }
+
+  async _refresh() {
+    let token;
+    try { token = await this.options.getToken(); } catch (err) { this._emit("error", err); }
+    if (!token || this._stopped) { this._later(5000, () => this._refresh()); return; }
+    this.token = token;
+    const conn = this._conn;
+    if (conn && conn.kind === "ws") conn.send({ type: "auth", token });
+    else if (conn && conn.kind === "sse") this._reopen(0); // a stream cannot re-auth: resume with since
+    else this._scheduleRefresh(jwtPayload(token).exp);
+  }
+
+  // -- WebSocket ----------------------------------------------------------
+
+  _openWs() {
+    const ws = new WebSocket(this.url.replace(/^http/, "ws") + "/ws");
+    let opened = false;
+    let lastFrame = Date.now();
+    let pinger = null;
+    const conn = {
+      kind: "ws",
+      send: (obj) => { if (ws.readyState === 1) ws.send(JSON.stringify(obj)); },
+      close: () => { clearInterval(pinger); clearTimeout(timeout); ws.onclose = null; try { ws.close(1000); } catch { /* closing */ } },
+    };
+    this._conn = conn;
+    const timeout = setTimeout(() => this._down(conn, "open timeout"), this.options.openTimeoutMs);
+    ws.onopen = () => conn.send({ type: "auth", token: this.token });
+    ws.onclose = (ev) => { clearInterval(pinger); clearTimeout(timeout); this._down(conn, "closed", { opened, code: ev.code }); };
+    ws.onmessage = (ev) => {
+      lastFrame = Date.now();
+      let frame;
+      try { frame = JSON.parse(ev.data); } catch { return; }
+      if (frame.type === "connected") {
+        opened = true;
+        clearTimeout(timeout);
+        const beat = Math.max(1, frame.heartbeat || 25) * 1000;
+        // Browsers hide WebSocket pings: an application ping shows a dead link.
+        pinger = setInterval(() => {
+          if (Date.now() - lastFrame > 2 * beat + 5000) ws.close(4000, "no answer");
+          else conn.send({ type: "ping" });
+        }, beat);
+        conn.ready = true;
+        this._onConnected(frame, "connected");
+        for (const ch of this._channels.values()) {
+          if (ch.name !== `user:${this.user}`) this._sendSubscribe(ch); // that one is automatic
+        }
+        return;
+      }
+      this._onFrame(frame);
+    };
+  }
+
+  _sendSubscribe(ch) {
+    const id = this._nextId++;
+    this._pending.set(id, ch.name);
+    const frame = { type: "subscribe", channel: ch.name, id };
+    if (ch.epoch !== null && ch.offset !== null) frame.since = { epoch: ch.epoch, offset: ch.offset };
+    this._conn.send(frame);
+  }
+
+  // -- Server-Sent Events -------------------------------------------------
+
+  _openSse() {
+    const params = new URLSearchParams();
+    for (const ch of this._channels.values()) {
+      params.append("channel", ch.name);
+      if (ch.epoch !== null && ch.offset !== null) params.append("since", `${ch.name}|${ch.epoch}|${ch.offset}`);
+    }
+    if (!this.options.sseCookie) params.append("token", this.token); // EventSource cannot send headers
+    const es = new EventSource(`${this.url}/sse?${params}`, { withCredentials: !!this.options.sseCookie });
+    let opened = false;
+    const conn = { kind: "sse", close: () => { clearTimeout(timeout); es.close(); } };
+    this._conn = conn;
+    const timeout = setTimeout(() => this._down(conn, "open timeout"), this.options.openTimeoutMs);
+    // We reconnect ourselves (with fresh `since` for every channel), not EventSource.
+    es.onerror = () => { clearTimeout(timeout); this._down(conn, "error", { opened }); };
+    es.onmessage = (ev) => {
+      let frame;
+      try { frame = JSON.parse(ev.data); } catch { return; }
+      if (frame.type === "connected") {
+        opened = true;
+        clearTimeout(timeout);
+        this._onConnected(frame, "fallback:sse");
+        return;
+      }
+      if (frame.type === "closed") { this._down(conn, "closed", { opened, code: frame.code }); return; }
+      this._onFrame(frame);
+    };
+  }
+
+  // -- polling ------------------------------------------------------------
+
+  _openPoll() {
+    let running = true;
+    const conn = { kind: "poll", close: () => { running = false; } };
+    this._conn = conn;
+    const tick = async () => {
+      if (!running) return;
+      let ok = true;
+      for (const ch of [...this._channels.values()]) {
+        const result = await this._catchUp(ch);
+        if (result === "unauthorized") { this._down(conn, "unauthorized", { code: 4001 }); return; }
+        if (result === "failed") ok = false;
+      }
+      if (!running) return;
+      if (ok) {
+        this._attempt = 0;
+        if (this.state !== "fallback:poll") this._onConnected({ expires: jwtPayload(this.token).exp }, "fallback:poll");
+        this._later(this.options.pollIntervalMs, tick);
+      } else if (!(await this._gatewayAnswers())) {
+        this._setState("reconnecting");
+        const wait = backoffDelay(this._attempt++, this.options.backoffInitialMs, this.options.backoffMaxMs);
+        this._later(Math.max(wait, this.options.pollIntervalMs), tick);
+      } else {
+        this._later(this.options.pollIntervalMs, tick);
+      }
+    };
+    const own = this.user && `user:${this.user}`;
+    if (own && !this._channels.has(own)) this._channels.set(own, new Channel(own));
+    tick();
+  }
+
+  // -- frames -------------------------------------------------------------
+
+  _onFrame(frame) {
+    switch (frame.type) {
+      case "message": this._onMessage(frame); break;
+      case "subscribed": this._onSubscribed(frame); break;
+      case "authenticated": this._scheduleRefresh(frame.expires); break;
+      case "reconnect": this._plannedDelay = Math.max(0, frame.after_ms || 0); break;
+      case "error": this._onError(frame); break;
+      default: break; // pong, unsubscribed, and types added later
+    }
+  }
+
+  _onError(frame) {
+    const name = frame.channel || this._pending.get(frame.id);
+    this._pending.delete(frame.id);
+    const ch = name && this._channels.get(name);
+    if (ch) this._callListeners(ch, "onError", frame);
+    this._emit("error", frame);
+  }
+
+  _onSubscribed(frame) {
+    this._pending.delete(frame.id);
+    let ch = this._channels.get(frame.channel);
+    if (!ch) { ch = new Channel(frame.channel); this._channels.set(frame.channel, ch); }
+    if (frame.recovered === true) return; // the replay follows, then live messages
+    const known = ch.epoch !== null && ch.offset !== null;
+    if (frame.recovered !== false && known && frame.epoch === ch.epoch) {
+      // A plain subscribe (the automatic user:{sub} one) on a channel we were
+      // following: fetch whatever happened in between.
+      if (frame.offset > ch.offset) this._fill(ch);
+      return;
+    }
+    this._reset(ch, frame.epoch, frame.offset, frame.state ?? null, known);
+    if (!ch.filling) this._flushHeld(ch);
+  }
+
+  _reset(ch, epoch, offset, state, wasKnown) {
+    ch.epoch = epoch;
+    ch.offset = offset;
+    if (wasKnown) this.stats.resets += 1;
+    this._callListeners(ch, "onState", state, { epoch, offset, reset: wasKnown });
+  }
+
+  /** Hand over the live messages that waited while the channel caught up. */
+  _flushHeld(ch) {
+    const held = ch.held.sort((a, b) => a.offset - b.offset);
+    ch.held = [];
+    for (const msg of held) this._onMessage(msg);
+  }
+
+  _onMessage(msg) {
+    const ch = this._channels.get(msg.channel);
+    if (!ch) return;
+    if (ch.filling) { ch.held.push(msg); return; }
+    if (ch.epoch !== msg.epoch) {
+      // A new epoch we were not told about: everything before is void.
+      ch.epoch = msg.epoch;
+      ch.offset = 0;
+    }
+    if (ch.offset !== null && msg.offset <= ch.offset) { this.stats.duplicates += 1; return; }
+    if (ch.offset !== null && msg.offset > ch.offset + 1) {
+      ch.held.push(msg);
+      this._fill(ch);
+      return;
+    }
+    ch.offset = msg.offset;
+    this._callListeners(ch, "onMessage", msg);
+    this._emit("message", msg);
+  }
+
+  /** Catch a channel up over HTTP while live messages wait; retried while connected. */
+  async _fill(ch) {
+    if (ch.filling) return;
+    ch.filling = true;
+    this.stats.gapsFilled += 1;
+    const result = await this._catchUp(ch);
+    ch.filling = false;
+    if (result !== "ok") {
+      if (this._conn && this._channels.get(ch.name) === ch) this._later(2000, () => this._fill(ch));
+      return;
+    }
+    this._flushHeld(ch);
+  }
+
+  /** One HTTP catch-up: history after our offset, or the state when that is gone. */
+  async _catchUp(ch) {
+    const base = `${this.url}/api/v1/channels/${ch.name}`;
+    const headers = { Authorization: `Bearer ${this.token}` };
+    try {
+      if (ch.epoch !== null && ch.offset !== null) {
+        const res = await fetch(`${base}/history?since=${ch.offset}&limit=${this.options.historyLimit}`, { headers, cache: "no-store" });
+        if (res.status === 401) return "unauthorized";
+        if (!res.ok) return res.status === 403 || res.status === 404 ? this._refused(ch, res) : "failed";
+        const body = await res.json();
+        if (body.epoch === ch.epoch && body.complete) {
+          for (const msg of body.messages) this._deliverCaughtUp(ch, msg);
+          return "ok";
+        }
+      }
+      const res = await fetch(`${base}/state`, { headers, cache: "no-store" });
+      if (res.status === 401) return "unauthorized";
+      if (!res.ok) return res.status === 403 || res.status === 404 ? this._refused(ch, res) : "failed";
+      const body = await res.json();
+      this._reset(ch, body.epoch, body.offset, body.state ?? null, ch.epoch !== null);
+      return "ok";
+    } catch {
+      return "failed";
+    }
+  }
+
+  _deliverCaughtUp(ch, msg) {
+    if (msg.epoch !== ch.epoch || msg.offset <= ch.offset) return;
+    ch.offset = msg.offset;
+    this._callListeners(ch, "onMessage", msg);
+    this._emit("message", msg);
+  }
+
+  async _refused(ch, res) {
+    let body = {};
+    try { body = await res.json(); } catch { /* not JSON */ }
+    this._callListeners(ch, "onError", { code: body.error || "forbidden", message: body.message || "" });
+    return "refused";
+  }
+
+  // -- adding and removing channels ---------------------------------------
+
+  _addToTransport(ch) {
+    const conn = this._conn;
+    if (!conn) return; // the next transport subscribes it
+    if (conn.kind === "ws" && conn.ready) this._sendSubscribe(ch); // else sent on `connected`
+    else if (conn.kind === "sse") this._reopen(0);
+    // poll: the next tick includes it
+  }
+
+  _unsubscribe(ch, callbacks) {
+    ch.listeners.delete(callbacks);
+    if (ch.listeners.size || this._channels.get(ch.name) !== ch) return;
+    this._channels.delete(ch.name);
+    const conn = this._conn;
+    if (!conn || ch.name === `user:${this.user}`) return;
+    if (conn.kind === "ws") conn.send({ type: "unsubscribe", channel: ch.name });
+    else if (conn.kind === "sse") this._reopen(0);
+  }
+}
+
+export default HeraldClient;
