@@ -20,7 +20,7 @@ import jwt
 from jwt import PyJWK
 from tornado.httpclient import AsyncHTTPClient
 
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.errors import ProtocolError
 
 log = logging.getLogger("herald.auth")
@@ -61,10 +61,31 @@ def _str_set(value: Any) -> list[str]:
     return []
 
 
+def checked_algorithms(settings: Settings) -> list[str]:
+    """The accepted algorithms, refusing a configuration that would open a hole.
+
+    `none` would accept unsigned tokens; HS* next to a public key or JWKS
+    lets anyone who knows the (public) key sign tokens; an unknown name is a
+    typo that would otherwise lock every client out with a vague error.
+    """
+    algorithms = settings.algorithms
+    known = jwt.algorithms.get_default_algorithms()
+    for alg in algorithms:
+        if alg.lower() == "none":
+            raise ConfigError("HERALD_JWT_ALGORITHMS must not contain 'none'")
+        if alg not in known:
+            raise ConfigError(f"HERALD_JWT_ALGORITHMS: unknown algorithm {alg!r}")
+        if alg.startswith("HS") and (settings.jwt_public_key or settings.jwt_jwks_url):
+            raise ConfigError(
+                f"HERALD_JWT_ALGORITHMS: {alg} cannot be used with a public key or JWKS"
+            )
+    return algorithms
+
+
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._algorithms = settings.algorithms
+        self._algorithms = checked_algorithms(settings)
         self._static_key: Any = settings.jwt_secret or settings.jwt_public_key or None
         if settings.jwt_public_key:
             self._static_key = settings.jwt_public_key.replace("\\n", "\n")

@@ -11,7 +11,8 @@ import asyncio
 import dataclasses
 import sys
 
-from gateway.auth import mint_token
+from gateway.auth import Authenticator, mint_token
+from gateway.channels import Namespaces
 from gateway.config import ConfigError, Settings, state_dir, with_dev_secrets
 
 BANNER = """
@@ -43,6 +44,15 @@ def _with_secrets(settings: Settings) -> tuple[Settings, bool]:
         sys.exit(f"herald: {exc}")
 
 
+def _check(settings: Settings) -> None:
+    """Fail with one line, not a traceback, on settings that only the server's parts judge."""
+    try:
+        Namespaces.from_config(settings.namespaces)
+        Authenticator(settings)
+    except ValueError as exc:  # ConfigError included
+        sys.exit(f"herald: {exc}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from gateway.logs import configure_logging
     from gateway.server import serve_forever
@@ -51,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = dataclasses.replace(settings, **overrides)
     settings, generated = _with_secrets(settings)
+    _check(settings)
     configure_logging(settings.log_level)
     if generated:
         host = "localhost" if settings.host in {"0.0.0.0", "::"} else settings.host
