@@ -78,6 +78,14 @@ async def test_query_token_refused_when_disabled(make_gateway, ws_client):
     await refused(client, says="query-string tokens are disabled")
 
 
+async def test_empty_auth_message_says_token_missing_when_query_disabled(make_gateway, ws_client):
+    """An `auth` message with an empty token is 'token missing', not about query strings."""
+    gw = await make_gateway(allow_query_token=False)
+    client = await ws_client(gw)
+    await client.send({"type": "auth", "token": ""})
+    await refused(client, says="token missing")
+
+
 async def test_query_disabled_still_accepts_header_and_message(make_gateway, ws_client):
     gw = await make_gateway(allow_query_token=False)
     by_header = await ws_client(gw, token("alice"), handshake=False)

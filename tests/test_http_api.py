@@ -145,9 +145,11 @@ async def test_broadcast_publishes_to_each_channel_once(gateway, ws_client):
         ({"channels": "user:a"}, "channels must be"),
         ({"channels": [f"user:{n}" for n in range(1001)]}, "channels must be"),
         ({"channels": ["user:a", "bad name"]}, "channel may only"),
+        ({"channels": ["user:a", ["user:b"]]}, "channel must be"),
         ({"channels": ["user:a"], "event": ""}, "event must be"),
     ],
-    ids=["missing", "empty", "not-a-list", "over-1000", "one-bad-name", "bad-event"],
+    ids=["missing", "empty", "not-a-list", "over-1000", "one-bad-name", "unhashable-name",
+         "bad-event"],
 )
 async def test_broadcast_bad_body_is_400_and_publishes_nothing(gateway, body, says):
     status, reply = await http(gateway, "POST", "/api/v1/broadcast", body, api_headers())

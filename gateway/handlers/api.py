@@ -39,7 +39,7 @@ class BroadcastHandler(JsonHandler):
         channels = body.get("channels")
         if not isinstance(channels, list) or not channels or len(channels) > MAX_BROADCAST:
             raise ProtocolError("bad_request", f"channels must be a list of 1-{MAX_BROADCAST}")
-        names = [validate_channel(c) for c in dict.fromkeys(channels)]
+        names = list(dict.fromkeys(validate_channel(c) for c in channels))
         event = parse_event(body.get("event", "message"))
         data = check_data(body.get("data"), self.node.settings.max_publish_bytes)
         results = []

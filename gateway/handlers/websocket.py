@@ -102,6 +102,9 @@ class GatewayWebSocket(WebSocketHandler):
     async def open(self) -> None:
         self.node.metrics.connects.labels("ws").inc()
         token = self._handshake_token()
+        if token == "":
+            self._fail_auth(ProtocolError("unauthorized", "query-string tokens are disabled"))
+            return
         if token is not None:
             await self._authenticate(token, None)
             return
@@ -117,7 +120,7 @@ class GatewayWebSocket(WebSocketHandler):
         if query is None:
             return None
         if not self.node.settings.allow_query_token:
-            return ""  # verify() refuses it with a clear reason below
+            return ""  # open() refuses it, saying why
         return query
 
     def _auth_timed_out(self) -> None:
@@ -127,9 +130,6 @@ class GatewayWebSocket(WebSocketHandler):
     # -- authentication ---------------------------------------------------
 
     async def _authenticate(self, token: object, rid: str | int | None) -> None:
-        if token == "" and not self.node.settings.allow_query_token:
-            self._fail_auth(ProtocolError("unauthorized", "query-string tokens are disabled"), rid)
-            return
         try:
             claims = await self.node.auth.verify(token)
         except ProtocolError as exc:
