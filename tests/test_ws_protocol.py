@@ -231,3 +231,15 @@ async def test_heartbeat_keeps_a_live_peer(make_gateway, ws_client):
     client = await ws_client(gw, token())
     await asyncio.sleep(1.0)
     assert (await client.request({"type": "ping"}))["type"] == "pong"
+
+
+async def test_drain_sends_reconnect_then_closes_1012(make_gateway, ws_client):
+    """A drain tells each client `reconnect` (reason, jittered after_ms), then closes 1012."""
+    gw = await make_gateway()
+    client = await ws_client(gw, token())
+    await gw.node.drain(window=0.0)
+    msg = await client.expect("reconnect")
+    assert msg["reason"] == "draining"
+    assert isinstance(msg["after_ms"], int) and msg["after_ms"] >= 0
+    assert await client.closed() == CloseCode.RESTARTING
+    assert not gw.node.ready
