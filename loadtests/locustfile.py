@@ -1,0 +1,61 @@
+"""Herald load tests. Run: locust -f loadtests/locustfile.py --scenario NAME --host URL ...
+
+See loadtests/README.md for the scenarios, options, checks and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from herald_load import scenarios, thresholds
+from herald_load.options import ConfigError, add_arguments, config_of
+from herald_load.users import (  # noqa: F401 - Locust collects the user classes from here
+    BroadcastPublisher,
+    BroadcastViewer,
+    ChurnViewer,
+    JobPublisher,
+    JobViewer,
+    SlowViewer,
+)
+from locust import events
+from locust.runners import WorkerRunner
+
+log = logging.getLogger("herald.loadtest")
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    add_arguments(parser)
+
+
+@events.init.add_listener
+def _select(environment: Any, **_: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner):
+        return  # the master chooses; workers learn its options at spawn
+    if not environment.host:
+        return  # web UI without --host: checked when the test starts
+    try:
+        names = scenarios.select(environment)
+    except ConfigError as exc:
+        sys.exit(f"herald loadtest: {exc}")
+    log.info("scenario %s: %s", ",".join(names), [c.__name__ for c in environment.user_classes])
+
+
+@events.test_start.add_listener
+def _check_config(environment: Any, **_: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    try:
+        scenarios.select(environment)
+    except ConfigError as exc:
+        log.error("herald loadtest: %s", exc)
+        environment.runner.quit()
+
+
+@events.quitting.add_listener
+def _verdict(environment: Any, **_: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner) or not environment.host:
+        return
+    thresholds.apply(environment, config_of(environment))
