@@ -42,7 +42,7 @@ case "${1:-}" in
     ;;
   test)
     shift
-    need_apt redis-server
+    need_apt redis-server chromium chromium-driver
     venv test
     "$VENV/bin/ruff" check gateway tests
     set +e
