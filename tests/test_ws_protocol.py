@@ -9,7 +9,10 @@ import asyncio
 import socket
 import time
 
+import orjson
 import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
 
 from gateway.errors import CloseCode
 from tests.conftest import token
@@ -243,3 +246,15 @@ async def test_drain_sends_reconnect_then_closes_1012(make_gateway, ws_client):
     assert isinstance(msg["after_ms"], int) and msg["after_ms"] >= 0
     assert await client.closed() == CloseCode.RESTARTING
     assert not gw.node.ready
+
+
+async def test_draining_gateway_refuses_new_websockets_with_503(make_gateway):
+    """While draining, /ws answers 503 with the usual error body, so the client goes elsewhere."""
+    gw = await make_gateway()
+    await gw.node.drain(window=0.0)
+    with pytest.raises(InvalidStatus) as err:
+        await websockets.connect(f"ws://127.0.0.1:{gw.port}/ws")
+    response = err.value.response
+    assert response.status_code == 503
+    body = orjson.loads(response.body)
+    assert body["error"] == "unavailable" and body["timestamp"].endswith("Z")

@@ -89,7 +89,9 @@ class GatewayWebSocket(WebSocketHandler):
         if self.node.draining:
             # Refused before the upgrade: the load balancer retries elsewhere.
             self.set_status(503)
-            self.finish({"error": "unavailable", "message": "draining"})
+            self.finish(
+                {"error": "unavailable", "message": "draining", "timestamp": wire.now_iso()}
+            )
 
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(origin, self.request.host, self.node.settings.allowed_origins)
