@@ -125,6 +125,7 @@ class HeraldClient:
         self._next_id = 1
         self._pending: dict[int, str] = {}
         self._http = AsyncHTTPClient()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- public API -------------------------------------------------------
 
@@ -146,7 +147,9 @@ class HeraldClient:
             if cb is not None:
                 lst.append(cb)
         if fresh and self._ws is not None and self.state == "connected":
-            asyncio.ensure_future(self._send_subscribe(ch))
+            task = asyncio.ensure_future(self._send_subscribe(ch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def unsubscribe(self, channel: str) -> None:
         if self._channels.pop(channel, None) is not None and self._ws is not None:
@@ -165,8 +168,9 @@ class HeraldClient:
             self._task = asyncio.ensure_future(self._run())
         return self
 
-    async def wait_connected(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout)
+    async def wait_connected(self) -> None:
+        """Until the client is connected (wrap in `asyncio.wait_for` to bound it)."""
+        await self._connected.wait()
 
     async def close(self) -> None:
         self._closing = True

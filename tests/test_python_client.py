@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 
 import pytest
@@ -70,7 +71,7 @@ async def test_reconnect_message_is_obeyed_and_nothing_is_lost(gateway):
     client = fast(gateway.url, token("alice"), on_state_change=seen_states.append)
     client.subscribe("job:j1", on_message=lambda u: offsets.append(u.offset))
     async with client:
-        await client.wait_connected(10)
+        await asyncio.wait_for(client.wait_connected(), 10)
         await publish(gateway, "job:j1", "progress", {"n": 1})
         await wait_until(lambda: offsets == [1])
         assert await gateway.node.shed(1, "rebalance") == 1  # reconnect + close 1012
@@ -112,10 +113,10 @@ async def test_token_is_refreshed_before_it_expires(gateway):
 
     async with fast(gateway.url, token("alice", ttl=8), get_token=fresh,
                     refresh_before=7.5) as client:
-        await client.wait_connected(10)
+        await asyncio.wait_for(client.wait_connected(), 10)
         await wait_until(lambda: len(calls) == 1)
         session = next(iter(gateway.node.sessions))
-        await wait_until(lambda: session.claims.exp > 3000 + __import__("time").time())
+        await wait_until(lambda: session.claims.exp > 3000 + time.time())
     assert client.stats["reconnects"] == 0  # refreshed in place, no reconnect
 
 
@@ -147,7 +148,7 @@ async def test_nothing_lost_across_a_gateway_restart(spawn_gateway, redis_url):
             published["user"].append(reply["offset"])
 
         async with client:
-            await client.wait_connected(10)
+            await asyncio.wait_for(client.wait_connected(), 10)
             await wait_until(lambda: client.position("job:r1") is not None)
             for n in range(1, 6):
                 await send(n)
