@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
-from gateway.broker.base import Broker, Publication
+from gateway.broker.base import Broker, Position, Publication
 
 
 class Subscriber(Protocol):
@@ -20,7 +20,7 @@ class Subscriber(Protocol):
 
     def deliver(self, pub: Publication) -> None: ...
 
-    def forget(self, channel: str) -> None: ...
+    def advance(self, channel: str, position: Position) -> None: ...
 
     def send_json(self, message: dict[str, Any]) -> None: ...
 

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 from gateway import publishing
 from gateway.auth import Authenticator, Claims
 from gateway.broker import create_broker
-from gateway.broker.base import Broker, BrokerUnavailable, History, Publication, Snapshot
+from gateway.broker.base import (
+    Broker,
+    BrokerUnavailable,
+    History,
+    Position,
+    Publication,
+    Snapshot,
+)
 from gateway.channels import Access, Namespace, Namespaces, claim_allows, validate_channel
 from gateway.config import Settings
 from gateway.errors import CloseCode, ProtocolError
@@ -85,8 +92,8 @@ class Node:
             reply["state"] = snap.state
         self.metrics.recovered.labels("false").inc()
         for sub in self.hub.subscribers_of(channel):
-            sub.forget(channel)
             sub.send_json(reply)
+            sub.advance(channel, Position(snap.epoch, snap.offset))
 
     async def start(self) -> None:
         await self.broker.start()
@@ -213,6 +220,7 @@ class Node:
         session.send_json(reply)
         for pub in replay:
             session.deliver(pub)
+        session.advance(channel, Position(reply["epoch"], reply["offset"]))
         if not self.hub.go_live(session, channel, reply["offset"]):
             self.metrics.dropped.labels("recovery_overflow").inc()
             session.overflowed()
@@ -222,7 +230,7 @@ class Node:
         ns: Namespace,
         channel: str,
         since: tuple[str, int] | None,
-        seen: Publication | None,
+        seen: Publication | Position | None,
     ) -> tuple[dict[str, Any], list[Publication]]:
         reply: dict[str, Any] = {"type": "subscribed", "channel": channel}
         replay: list[Publication] = []

@@ -12,7 +12,7 @@ import time
 from typing import Any, ClassVar
 
 from gateway.auth import Claims
-from gateway.broker.base import Publication
+from gateway.broker.base import Position, Publication
 from gateway.errors import CloseCode
 
 
@@ -23,23 +23,32 @@ class Session(abc.ABC):
         self.id = client_id
         self.claims = claims
         self.subscriptions: set[str] = set()
-        self._sent: dict[str, Publication] = {}
+        self._sent: dict[str, Publication | Position] = {}
         self.last_active = time.monotonic()
 
     def touch(self) -> None:
         """The client sent something; shedding prefers the least recently active."""
         self.last_active = time.monotonic()
 
-    def delivered(self, channel: str) -> Publication | None:
-        """The last publication of `channel` this connection was sent."""
+    def delivered(self, channel: str) -> Publication | Position | None:
+        """Where this connection stands in `channel`: the last offset it was given."""
         return self._sent.get(channel)
 
-    def forget(self, channel: str) -> None:
-        """The channel's history was lost: nothing sent before counts any more."""
-        self._sent.pop(channel, None)
+    def advance(self, channel: str, position: Position) -> None:
+        """The client now holds everything up to `position` (replay or state)."""
+        self._sent[channel] = position
 
     def deliver(self, pub: Publication) -> None:
-        """Write one publication; the hub's hot path, so no awaiting here."""
+        """Write one publication unless the client already has it.
+
+        The hub's hot path, so no awaiting here. The check matters right
+        after a recovery: a publication the history read already returned
+        can still be in flight on the pub/sub connection, and must not be
+        written twice.
+        """
+        last = self._sent.get(pub.channel)
+        if last is not None and last.offset >= pub.offset and last.epoch == pub.epoch:
+            return
         if self.write_publication(pub):
             self._sent[pub.channel] = pub
 

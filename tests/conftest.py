@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -204,3 +206,87 @@ def redis_url(redis_process: RedisProcess) -> str:
         s.sendall(b"FLUSHALL\r\n")
         s.recv(16)
     return redis_process.url
+
+
+# -- gateway processes (`herald serve` for real) --------------------------------
+
+
+@dataclasses.dataclass
+class GatewayProcess:
+    """A `herald serve` subprocess on a free loopback port."""
+
+    node_id: str
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=None if os.environ.get("HERALD_TEST_GATEWAY_LOGS") else subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"gateway {self.node_id} exited with {self.proc.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail(f"gateway {self.node_id} did not start")
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def gateway_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+    env.update(
+        HERALD_HOST="127.0.0.1",
+        HERALD_JWT_SECRET=SECRET,
+        HERALD_API_KEY=API_KEY,
+        HERALD_DEMO="false",
+        HERALD_LOG_LEVEL="WARNING",
+    )
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def spawn_gateway() -> Iterator[Callable[..., GatewayProcess]]:
+    """`spawn_gateway(node_id, **HERALD_env)` -> a started `herald serve` process."""
+    started: list[GatewayProcess] = []
+
+    def spawn(node_id: str, **env: str) -> GatewayProcess:
+        port = free_port()
+        gw = GatewayProcess(
+            node_id, port, gateway_env(HERALD_PORT=str(port), HERALD_NODE_ID=node_id, **env)
+        )
+        gw.start()
+        started.append(gw)
+        return gw
+
+    yield spawn
+    for gw in started:
+        gw.stop()

@@ -51,6 +51,7 @@ PING_INTERVAL = 5.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 COMMAND_TIMEOUT = 5.0
+POOL_SIZE = 64
 
 ControlHandler = Callable[[dict[str, Any]], None]
 
@@ -86,9 +87,16 @@ def connect(url: str) -> aioredis.Redis:
             socket_timeout=COMMAND_TIMEOUT,
         )
         return sentinel.master_for(parts[0])
-    return aioredis.Redis.from_url(
-        url, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=COMMAND_TIMEOUT
+    # A bounded pool: a connect storm queues for a connection instead of
+    # opening thousands of sockets to Redis.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=POOL_SIZE,
+        timeout=COMMAND_TIMEOUT,
+        socket_timeout=COMMAND_TIMEOUT,
+        socket_connect_timeout=COMMAND_TIMEOUT,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _json_str(value: str) -> str:
@@ -117,6 +125,9 @@ class RedisBroker(Broker):
         # Channels the hub wants, and what this node last dispatched for each.
         self._wanted: set[str] = set()
         self._last: dict[str, tuple[str, int]] = {}
+        # Positions read for watched channels that have had no publication on
+        # this node yet: where a resync starts from for them.
+        self._read_at: dict[str, tuple[str, int]] = {}
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._batch_sub: set[str] = set()
         self._batch_unsub: set[str] = set()
@@ -256,12 +267,18 @@ class RedisBroker(Broker):
         else:
             first = pubs[0].offset if pubs else offset + 1
             complete = since <= offset and first <= since + 1 and not cut
+        self._note_read(channel, epoch.decode(), offset)
         return History(epoch.decode(), offset, pubs, complete)
 
     async def snapshot(self, namespace: Namespace, channel: str) -> Snapshot:
         epoch, offset, flat = await self._read_channel(namespace, channel, "state", -1, 0)
         state = {orjson.loads(flat[i]): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+        self._note_read(channel, epoch.decode(), int(offset))
         return Snapshot(epoch.decode(), int(offset), state)
+
+    def _note_read(self, channel: str, epoch: str, offset: int) -> None:
+        if channel in self._wanted and channel not in self._last:
+            self._read_at[channel] = (epoch, offset)
 
     async def owner(self, channel: str) -> str | None:
         value = await self._cmd(self.client.get(self.keys.owner(channel)))
@@ -303,6 +320,7 @@ class RedisBroker(Broker):
         for channel in channels:
             self._wanted.discard(channel)
             self._last.pop(channel, None)
+            self._read_at.pop(channel, None)
             if channel in self._batch_sub:
                 self._batch_sub.discard(channel)
                 fut = self._confirm.pop(channel, None)
@@ -353,10 +371,13 @@ class RedisBroker(Broker):
                 await self._read_loop()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, OSError, TimeoutError, BrokerUnavailable) as exc:
                 if self._connected.is_set():
                     log.warning("redis pub/sub lost: %s", exc)
-                self._connected.clear()
+                self.reconnects += 1
+            except Exception:
+                # Never let the reader die: a dead reader is a silent outage.
+                log.exception("redis pub/sub reader failed; reconnecting")
                 self.reconnects += 1
             finally:
                 self._connected.clear()
@@ -398,9 +419,11 @@ class RedisBroker(Broker):
     async def _resync(self) -> int:
         """Close the gap of every channel after a reconnect, before going live."""
         count = 0
-        for channel, (epoch, offset) in list(self._last.items()):
-            if channel not in self._wanted:
+        for channel in list(self._wanted):
+            position = self._last.get(channel) or self._read_at.pop(channel, None)
+            if position is None:
                 continue
+            epoch, offset = position
             ns = self._namespace_of(channel)
             hist = await self.history(ns, channel, offset, max(ns.history_size, 1))
             if hist.epoch == epoch and hist.complete:

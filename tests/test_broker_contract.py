@@ -1,0 +1,187 @@
+"""The `Broker` contract, run against both engines: they must be interchangeable.
+
+The memory engine runs in-process; the Redis engine against a real
+redis-server. Each test states a promise of the interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.broker.base import Broker, Publication, Snapshot
+from gateway.broker.memory import MemoryBroker
+from gateway.broker.redis import RedisBroker
+from gateway.channels import Access, Namespace
+from gateway.errors import ProtocolError
+
+JOB = Namespace("job", Access.OWNER, history_size=5, history_ttl=3600, state=True)
+USER = Namespace("user", Access.USER, history_size=100, history_ttl=3600)
+SHORT = Namespace("public", Access.AUTHENTICATED, history_size=10, history_ttl=1)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.pubs: list[Publication] = []
+        self.resets: list[tuple[str, Snapshot]] = []
+        self.arrived = asyncio.Event()
+
+    def on_pub(self, pub: Publication) -> None:
+        self.pubs.append(pub)
+        self.arrived.set()
+
+    def on_reset(self, channel: str, snap: Snapshot) -> None:
+        self.resets.append((channel, snap))
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> None:
+        async def until() -> None:
+            while len(self.pubs) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Broker, Recorder]]:
+    if request.param == "memory":
+        broker: Broker = MemoryBroker()
+    else:
+        broker = RedisBroker(request.getfixturevalue("redis_url"))
+    rec = Recorder()
+    namespaces = {"job": JOB, "user": USER, "public": SHORT}
+    broker.set_handlers(rec.on_pub, rec.on_reset, lambda c: namespaces[c.partition(":")[0]])
+    await broker.start()
+    yield broker, rec
+    await broker.close()
+
+
+async def test_offsets_count_up_by_one_within_an_epoch(engine):
+    broker, _ = engine
+    pubs = [await broker.publish(USER, "user:a", "note", {"i": i}) for i in range(5)]
+    assert [p.offset for p in pubs] == [1, 2, 3, 4, 5]
+    assert len({p.epoch for p in pubs}) == 1
+    other = await broker.publish(USER, "user:b", "note", {})
+    assert other.offset == 1  # offsets are per channel
+
+
+async def test_a_read_before_the_first_publish_fixes_the_epoch(engine):
+    broker, _ = engine
+    snap = await broker.snapshot(USER, "user:new")
+    assert snap.offset == 0
+    pub = await broker.publish(USER, "user:new", "note", {})
+    assert (pub.epoch, pub.offset) == (snap.epoch, 1)
+
+
+async def test_history_after_an_offset_is_complete_and_ordered(engine):
+    broker, _ = engine
+    for i in range(4):
+        await broker.publish(USER, "user:a", "note", {"i": i})
+    hist = await broker.history(USER, "user:a", 1, 100)
+    assert [p.offset for p in hist.publications] == [2, 3, 4]
+    assert [p.data["i"] for p in hist.publications] == [1, 2, 3]
+    assert hist.complete and hist.offset == 4
+
+
+async def test_history_capped_by_size_is_incomplete_for_an_old_offset(engine):
+    broker, _ = engine
+    for i in range(8):
+        await broker.publish(JOB, "job:1", "progress", {"p": i})
+    hist = await broker.history(JOB, "job:1", 0, 100)
+    assert [p.offset for p in hist.publications] == [4, 5, 6, 7, 8]  # the newest 5
+    assert not hist.complete
+    assert (await broker.history(JOB, "job:1", 3, 100)).complete
+
+
+async def test_history_cut_by_limit_is_incomplete(engine):
+    broker, _ = engine
+    for i in range(4):
+        await broker.publish(USER, "user:a", "note", {"i": i})
+    hist = await broker.history(USER, "user:a", 0, 2)
+    assert [p.offset for p in hist.publications] == [1, 2]
+    assert not hist.complete
+
+
+async def test_an_offset_from_the_future_is_not_recoverable(engine):
+    broker, _ = engine
+    await broker.publish(USER, "user:a", "note", {})
+    assert not (await broker.history(USER, "user:a", 7, 100)).complete
+
+
+async def test_state_keeps_the_latest_data_per_event(engine):
+    broker, _ = engine
+    await broker.publish(JOB, "job:1", "progress", {"p": 1})
+    await broker.publish(JOB, "job:1", "log", {"line": "x"})
+    await broker.publish(JOB, "job:1", "progress", {"p": 2, "big": 12345678901234567890})
+    snap = await broker.snapshot(JOB, "job:1")
+    assert snap.offset == 3
+    assert snap.state == {"progress": {"p": 2, "big": 12345678901234567890}, "log": {"line": "x"}}
+    assert (await broker.snapshot(USER, "user:a")).state == {}  # no state namespace
+
+
+async def test_owner_is_recorded_once_and_a_different_one_is_forbidden(engine):
+    broker, _ = engine
+    assert await broker.owner("job:9") is None
+    await broker.publish(JOB, "job:9", "progress", {}, owner="alice")
+    assert await broker.owner("job:9") == "alice"
+    await broker.publish(JOB, "job:9", "progress", {}, owner="alice")  # same owner: fine
+    with pytest.raises(ProtocolError) as exc:
+        await broker.publish(JOB, "job:9", "progress", {}, owner="mallory")
+    assert exc.value.code == "forbidden"
+    with pytest.raises(ProtocolError):
+        await broker.register_owner("job:9", "mallory")
+    # A refused publish took no offset.
+    assert (await broker.snapshot(JOB, "job:9")).offset == 2
+
+
+async def test_expired_history_starts_a_new_epoch(engine):
+    broker, _ = engine
+    first = await broker.publish(SHORT, "public:x", "tick", {})
+    await asyncio.sleep(2.2)  # past the namespace's 1 s history TTL
+    second = await broker.publish(SHORT, "public:x", "tick", {})
+    assert second.epoch != first.epoch
+    assert second.offset == 1
+    # A client holding (first.epoch, 1) sees another epoch: it cannot recover.
+    assert (await broker.history(SHORT, "public:x", 1, 10)).epoch == second.epoch
+
+
+async def test_only_subscribed_channels_are_fanned_in(engine):
+    broker, rec = engine
+    await broker.subscribe(["user:a"])
+    await broker.publish(USER, "user:b", "note", {"skip": True})
+    await broker.publish(USER, "user:a", "note", {"n": 1})
+    await rec.wait_for(1)
+    await broker.unsubscribe(["user:a"])
+    await asyncio.sleep(0.1)
+    await broker.publish(USER, "user:a", "note", {"n": 2})
+    await broker.publish(USER, "user:a", "note", {"n": 3})
+    await asyncio.sleep(0.2)
+    assert [p.data for p in rec.pubs] == [{"n": 1}]
+    assert broker.messages_in == 1
+
+
+async def test_registry_lists_live_nodes_and_forgets_removed_ones(engine):
+    broker, _ = engine
+    await broker.write_node("gw-a", {"node": "gw-a", "connections": 3}, ttl=10)
+    await broker.write_node("gw-b", {"node": "gw-b", "connections": 5}, ttl=10)
+    nodes = sorted(await broker.read_nodes(), key=lambda n: n["node"])
+    assert [(n["node"], n["connections"]) for n in nodes] == [("gw-a", 3), ("gw-b", 5)]
+    await broker.remove_node("gw-a")
+    assert [n["node"] for n in await broker.read_nodes()] == ["gw-b"]
+
+
+async def test_control_commands_reach_the_named_node_only(engine):
+    broker, _ = engine
+    got: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    broker.add_control("a", got["a"].append)
+    broker.add_control("b", got["b"].append)
+    await asyncio.sleep(0.1)  # the Redis engine subscribes asynchronously
+    await broker.send_control("a", {"cmd": "shed", "count": 2})
+    for _ in range(50):
+        if got["a"]:
+            break
+        await asyncio.sleep(0.02)
+    assert got == {"a": [{"cmd": "shed", "count": 2}], "b": []}
