@@ -44,7 +44,7 @@ case "${1:-}" in
     shift
     need_apt redis-server chromium chromium-driver
     venv test
-    "$VENV/bin/ruff" check gateway tests
+    "$VENV/bin/ruff" check gateway tests loadtests
     set +e
     "$VENV/bin/python" -m pytest "$@"
     rc=$?

@@ -69,6 +69,10 @@ def add_arguments(parser: Any) -> None:
         "--idle-timeout", type=float, default=60.0,
         help="close and reconnect a WebSocket silent for this long (s)",
     )
+    g.add_argument(
+        "--simulate-loss", type=int, default=0, metavar="N",
+        help="viewers ignore every Nth message: proves the checks catch a loss (self-test)",
+    )
     # Checks: pass/fail thresholds applied when the run ends (exit code 1 on a miss).
     c.add_argument(
         "--check-p99-ms", type=float, default=1000.0,
@@ -109,6 +113,7 @@ class Config:
     slow_ratio: float
     slow_delay: float
     idle_timeout: float
+    simulate_loss: int
     check_p99_ms: float
     check_connect_p99_ms: float | None
     check_max_lost: int
@@ -174,6 +179,8 @@ def build_config(options: Any, host: str | None) -> Config:
             raise ConfigError(f"--{name} must be at least 1")
     if values["rate"] <= 0:
         raise ConfigError("--rate must be positive")
+    if values["simulate_loss"] < 0:
+        raise ConfigError("--simulate-loss must be 0 (off) or a positive N")
     if not 0 <= values["slow_ratio"] <= 1:
         raise ConfigError("--slow-ratio must be between 0 and 1")
     return Config(**values)

@@ -83,6 +83,7 @@ class Viewer(User):
         self.backoff = 0.0
         self.refresh_at = time.monotonic() + self.config.token_ttl * 0.8
         self._resuming: set[str] = set()
+        self._messages = 0
         self.prepare()
         self.reconnect()
 
@@ -194,6 +195,9 @@ class Viewer(User):
             else:
                 self.tracker.reset(channel, str(epoch), offset)
             return
+        self._messages += 1
+        if self.config.simulate_loss and self._messages % self.config.simulate_loss == 0:
+            return  # --simulate-loss: as if this frame never arrived
         outcome = self.tracker.message(channel, str(epoch), offset)
         if outcome.verdict is Verdict.DUPLICATE:
             self._judge(outcome.verdict, 1, channel, offset)

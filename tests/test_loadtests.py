@@ -1,0 +1,317 @@
+"""The Locust load tests (loadtests/) run for real against a real gateway process.
+
+Each scenario runs headless for a few seconds against `herald serve` in its
+own process (Locust is gevent; the gateway must not share its process), and
+the assertions read Locust's own CSV report: messages delivered, latency
+recorded, zero offsets lost. The checks are shown to fail runs they must
+fail (an impossible p99, messages that never arrived) and bad options to
+get clear errors. The offset bookkeeping itself is tested directly.
+
+Latency thresholds are set out of reach here (`--check-p99-ms 60000`):
+tests assert behaviour, never timing.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+from loadtests.herald_load.options import ConfigError, ws_url_from
+from loadtests.herald_load.tracker import OffsetTracker, Verdict
+from tests.conftest import API_KEY, SECRET, RedisProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+
+# The engine behind the gateway under test: "redis" (a real redis-server, the
+# deployment shape) or "memory" (the embedded engine).
+ENGINE = "redis"
+
+RUN_SECONDS = "3s"
+NO_TIMING = ["--check-p99-ms", "60000", "--check-connect-p99-ms", "60000"]
+
+
+# -- the gateway under test ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def herald(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """`herald serve` in its own process on a free port; yields its base URL."""
+    tmp = tmp_path_factory.mktemp("herald")
+    port = free_port()
+    env = {
+        **os.environ,
+        "HERALD_HOST": "127.0.0.1",
+        "HERALD_PORT": str(port),
+        "HERALD_JWT_SECRET": SECRET,
+        "HERALD_API_KEY": API_KEY,
+        "HERALD_DEMO": "false",
+        "HERALD_STATE_DIR": str(tmp / "state"),
+        "HERALD_LOG_LEVEL": "WARNING",
+        "HERALD_REDIS_URL": "",
+    }
+    if ENGINE == "redis":
+        redis: RedisProcess = request.getfixturevalue("redis_process")
+        env["HERALD_REDIS_URL"] = redis.url
+    log = (tmp / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"herald serve did not become ready:\n{(tmp / 'gateway.log').read_text()}")
+        time.sleep(0.1)
+    auth = {"Authorization": f"apikey {API_KEY}"}
+    stats = urllib.request.Request(url + "/api/v1/stats", headers=auth)
+    with urllib.request.urlopen(stats, timeout=5) as reply:
+        assert ENGINE in orjson.loads(reply.read())["engine"].lower()
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+# -- running Locust --------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    rows: list[dict[str, str]]
+
+    def row(self, kind: str, name: str) -> dict[str, str] | None:
+        return next((r for r in self.rows if r["Type"] == kind and r["Name"] == name), None)
+
+    def count(self, kind: str, name: str) -> int:
+        row = self.row(kind, name)
+        return int(row["Request Count"]) if row else 0
+
+    def of_type(self, kind: str) -> list[dict[str, str]]:
+        return [r for r in self.rows if r["Type"] == kind]
+
+
+def locust(
+    host: str, tmp: Path, *args: str, secret: str | None = SECRET, users: str = "11"
+) -> Run:
+    """Run the locustfile headless; returns exit code, output and the stats CSV rows."""
+    prefix = tmp / "run"
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "--host", host, "--api-key", API_KEY, "-u", users, "-r", "100", "-t", RUN_SECONDS,
+        "--csv", str(prefix), "--html", str(tmp / "report.html"), "--only-summary",
+        "--prefix", f"lt{time.monotonic_ns() % 10**9}",
+        *args,
+    ]  # fmt: skip
+    if secret is not None:
+        command += ["--jwt-secret", secret]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HERALD_", "LOCUST_"))}
+    proc = subprocess.run(
+        command, cwd=tmp, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    stats = Path(f"{prefix}_stats.csv")
+    rows = list(csv.DictReader(stats.open())) if stats.exists() else []
+    return Run(proc.returncode, proc.stdout + proc.stderr, rows)
+
+
+def assert_clean_delivery(run: Run) -> None:
+    """Delivered, timed, nothing lost or repeated, no failure of any kind."""
+    assert run.returncode == 0, run.output
+    delivers = run.of_type("deliver")
+    assert delivers and sum(int(r["Request Count"]) for r in delivers) > 0, run.output
+    for row in delivers:
+        assert float(row["Average Response Time"]) > 0, row  # latency from sent_at
+        assert row["99%"] not in ("", "N/A"), row
+    assert run.count("check", "lost") == 0
+    assert run.count("check", "duplicate") == 0
+    total = run.row("", "Aggregated")
+    assert total is not None and total["Failure Count"] == "0", run.output
+    assert "Herald checks PASSED" in run.output
+
+
+# -- each scenario ---------------------------------------------------------------
+
+
+def test_storm_every_connection_opens_and_hears_the_broadcast(herald: str, tmp_path: Path) -> None:
+    run = locust(herald, tmp_path, "--scenario", "storm", *NO_TIMING, users="41")
+    assert_clean_delivery(run)
+    assert run.count("ws", "connect") == 40  # 41 users = 40 viewers + 1 publisher
+    assert run.row("deliver", "metrics") is not None
+    assert "PASS p99 connect" in run.output  # storm checks connect p99 by default
+
+
+def test_fanout_delivers_job_progress_to_every_viewer(herald: str, tmp_path: Path) -> None:
+    run = locust(
+        herald, tmp_path, "--scenario", "fanout", "--jobs", "3", "--rate", "5", *NO_TIMING,
+        users="13",
+    )
+    assert_clean_delivery(run)
+    assert run.count("POST", "register job") >= 3
+    assert run.count("ws", "subscribe job:") == 12
+    publishes = run.count("POST", "publish job:")
+    # 4 viewers per job: every publication but those in flight at the end reached all four.
+    assert run.count("deliver", "progress") >= 4 * (publishes - 3)
+
+
+def test_broadcast_selected_by_tag(herald: str, tmp_path: Path) -> None:
+    run = locust(herald, tmp_path, "--tags", "broadcast", "--rate", "5", *NO_TIMING, users="16")
+    assert_clean_delivery(run)
+    assert run.count("ws", "subscribe public:") == 15
+    assert run.row("deliver", "metrics") is not None  # the broadcast publisher's event
+    assert run.row("deliver", "progress") is None
+
+
+def test_churn_resumes_with_since_and_loses_nothing(herald: str, tmp_path: Path) -> None:
+    run = locust(
+        herald, tmp_path, "--scenario", "churn", "--jobs", "2", "--rate", "10",
+        "--churn-interval", "0.5", *NO_TIMING,
+    )
+    assert_clean_delivery(run)
+    assert run.count("ws", "resubscribe job:") > 10  # reconnected many times, with `since`
+    assert run.count("ws", "connect") > 10
+
+
+def test_slow_consumers_do_not_cost_normal_viewers_a_message(herald: str, tmp_path: Path) -> None:
+    run = locust(
+        herald, tmp_path, "--scenario", "slow", "--jobs", "2", "--rate", "20",
+        "--slow-ratio", "0.3", "--slow-delay", "0.05", *NO_TIMING,
+    )
+    assert_clean_delivery(run)
+    assert run.count("deliver", "progress") > 0
+    assert run.count("deliver-slow", "progress") > 0  # slow ones report on their own rows
+
+
+def test_soak_mixes_steady_viewers_and_churn(herald: str, tmp_path: Path) -> None:
+    run = locust(
+        herald, tmp_path, "--scenario", "soak", "--jobs", "2", "--rate", "5",
+        "--churn-interval", "0.5", *NO_TIMING, users="21",
+    )
+    assert_clean_delivery(run)
+    assert run.count("ws", "resubscribe job:") > 0
+
+
+# -- the checks fail runs they must fail ---------------------------------------------
+
+
+def test_impossible_p99_fails_the_run(herald: str, tmp_path: Path) -> None:
+    run = locust(herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--check-p99-ms", "0")
+    assert run.returncode == 1, run.output
+    assert run.count("deliver", "progress") > 0  # a good run, judged by an impossible bar
+    assert "FAIL p99 deliver progress" in run.output
+    assert "Herald checks FAILED" in run.output
+
+
+def test_lost_messages_fail_the_run(herald: str, tmp_path: Path) -> None:
+    run = locust(
+        herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--rate", "10",
+        "--simulate-loss", "4", *NO_TIMING,
+    )
+    assert run.returncode == 1, run.output
+    lost = run.row("check", "lost")
+    assert lost is not None and int(lost["Failure Count"]) == int(lost["Request Count"]) > 0
+    assert "FAIL lost" in run.output
+
+
+def test_missing_secret_is_a_clear_error(herald: str, tmp_path: Path) -> None:
+    run = locust(herald, tmp_path, "--scenario", "fanout", secret=None)
+    assert run.returncode != 0
+    assert "viewers need --jwt-secret (or HERALD_JWT_SECRET) or --token-file" in run.output
+
+
+def test_unknown_scenario_is_refused(herald: str, tmp_path: Path) -> None:
+    run = locust(herald, tmp_path, "--scenario", "tsunami")
+    assert run.returncode == 2
+    assert "invalid choice: 'tsunami'" in run.output
+
+
+def test_tags_naming_no_scenario_are_refused(herald: str, tmp_path: Path) -> None:
+    run = locust(herald, tmp_path, "--tags", "nonsense")
+    assert run.returncode != 0
+    assert "--tags nonsense names no scenario" in run.output
+
+
+def test_token_file_instead_of_a_secret(herald: str, tmp_path: Path) -> None:
+    from gateway.auth import mint_token
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(
+        "# one token per line\n"
+        + "\n".join(mint_token(SECRET, f"file-{i}", channels=["job:*"]) for i in range(3))
+    )
+    run = locust(
+        herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--token-file", str(tokens),
+        *NO_TIMING, secret=None, users="5",
+    )
+    assert_clean_delivery(run)
+
+
+# -- pieces, without a network ---------------------------------------------------------
+
+
+def test_tracker_in_order_stream_is_ok() -> None:
+    t = OffsetTracker()
+    t.reset("job:1", "e1", 5)
+    assert [t.message("job:1", "e1", o).verdict for o in (6, 7, 8)] == [Verdict.OK] * 3
+    assert t.position("job:1") is not None and t.position("job:1").offset == 8
+
+
+def test_tracker_counts_a_gap_as_lost() -> None:
+    t = OffsetTracker()
+    t.reset("job:1", "e1", 5)
+    outcome = t.message("job:1", "e1", 9)
+    assert (outcome.verdict, outcome.missing) == (Verdict.LOST, 3)
+    assert t.message("job:1", "e1", 10).verdict is Verdict.OK
+
+
+def test_tracker_flags_repeats_and_new_epochs() -> None:
+    t = OffsetTracker()
+    t.reset("job:1", "e1", 5)
+    t.message("job:1", "e1", 6)
+    assert t.message("job:1", "e1", 6).verdict is Verdict.DUPLICATE
+    assert t.message("job:1", "e1", 3).verdict is Verdict.DUPLICATE
+    assert t.message("job:1", "e2", 1).verdict is Verdict.EPOCH_RESET
+    assert t.message("job:1", "e2", 2).verdict is Verdict.OK
+    assert t.message("job:9", "e1", 1).verdict is Verdict.UNTRACKED
+
+
+def test_tracker_resume_recovered_keeps_position_unrecovered_counts_loss() -> None:
+    t = OffsetTracker()
+    t.reset("job:1", "e1", 5)
+    assert t.resumed("job:1", "e1", 20, recovered=True).verdict is Verdict.OK
+    assert t.message("job:1", "e1", 6).verdict is Verdict.OK  # the replay follows
+    outcome = t.resumed("job:1", "e1", 30, recovered=False)
+    assert (outcome.verdict, outcome.missing) == (Verdict.LOST, 24)
+    assert t.message("job:1", "e1", 31).verdict is Verdict.OK
+    assert t.resumed("job:1", "e9", 2, recovered=False).verdict is Verdict.EPOCH_RESET
+
+
+def test_ws_url_from_host() -> None:
+    assert ws_url_from("http://localhost:8080") == "ws://localhost:8080/ws"
+    assert ws_url_from("https://rt.example.com/herald/") == "wss://rt.example.com/herald/ws"
+    with pytest.raises(ConfigError, match="--host must be an http"):
+        ws_url_from("localhost:8080")
