@@ -202,26 +202,47 @@ def _raw_ws_handshake(port: int, tok: str) -> socket.socket:
     return sock
 
 
-def _read_until_closed(sock: socket.socket) -> bytes:
-    received = b""
-    while True:
+def _server_opcodes_until_close(sock: socket.socket) -> list[int]:
+    """Read the 101 response, then the server's frames (opcodes) up to its close frame."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
-        if not chunk:
-            return received
-        received += chunk
+        assert chunk, "connection closed during the handshake"
+        buf += chunk
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    opcodes: list[int] = []
+    while True:
+        while len(buf) < 4:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return opcodes  # closed without a close frame
+            buf += chunk
+        opcode, size, start = buf[0] & 0x0F, buf[1] & 0x7F, 2
+        if size == 126:
+            size, start = int.from_bytes(buf[2:4], "big"), 4
+        while len(buf) < start + size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return opcodes
+            buf += chunk
+        opcodes.append(opcode)
+        buf = buf[start + size:]
+        if opcode == 0x8:
+            return opcodes
 
 
 async def test_heartbeat_closes_a_dead_peer(make_gateway):
-    """A peer that never answers WebSocket pings is disconnected by the server."""
+    """A peer that never answers WebSocket pings gets pings, then the server's close."""
     gw = await make_gateway(heartbeat=0.3)
     sock = _raw_ws_handshake(gw.port, token())
     try:
-        received = await asyncio.to_thread(_read_until_closed, sock)
+        opcodes = await asyncio.to_thread(_server_opcodes_until_close, sock)
     finally:
         sock.close()
-    assert received.startswith(b"HTTP/1.1 101")
-    assert b"\x89" in received  # the server sent at least one ping frame
-    for _ in range(100):
+    assert 0x9 in opcodes  # at least one ping went unanswered
+    assert opcodes[-1] == 0x8  # and the server closed the connection
+    for _ in range(200):
         if not gw.node.sessions:
             break
         await asyncio.sleep(0.01)
