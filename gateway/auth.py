@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,7 @@ class Authenticator:
         if settings.jwt_public_key:
             self._static_key = settings.jwt_public_key.replace("\\n", "\n")
         self._jwks: dict[str, PyJWK] = {}
-        self._jwks_fetched = 0.0
+        self._jwks_fetched = -math.inf  # the first unknown kid always fetches
         self._api_key = settings.api_key.encode()
 
     def check_api_key(self, header: str | None) -> bool:
