@@ -2,6 +2,7 @@
 // Query parameters (for trying things out and for the browser tests):
 //   ?jobs=a,b          also watch job:a and job:b
 //   ?transports=sse    restrict the client's transports (ws, sse, poll)
+//   ?backoffMaxMs=2000 (and pollIntervalMs, openTimeoutMs) tune the client
 import { HeraldClient } from "/client.js";
 
 const MAX_JOBS = 12;
@@ -109,6 +110,7 @@ function onUserMessage(msg) {
   if (msg.event === "job" && data.kind === "job") {
     watchJob(data.jobId, data.title);
   } else if (msg.event === "notification" && data.kind === "job") {
+    watchJob(data.jobId); // a job that started before this page connected
     const title = jobs.get(data.jobId)?.el.querySelector(".job-title").textContent || data.jobId;
     const what = data.status === "completed" ? "completed" : `${data.status}: ${data.message || ""}`;
     notify(data.status, `${title} ${what}`);
@@ -126,10 +128,15 @@ function renderFooter() {
 
 const first = await fetchToken();
 const transports = params.get("transports")?.split(",").filter(Boolean);
+const tuning = {};
+for (const key of ["backoffMaxMs", "pollIntervalMs", "openTimeoutMs"]) {
+  if (params.has(key)) tuning[key] = Number(params.get(key));
+}
 const client = new HeraldClient({
   token: first.token,
   getToken: async () => (await fetchToken()).token,
   ...(transports ? { transports } : {}),
+  ...tuning,
 });
 window.heraldDemo.client = client;
 setText($("origin"), location.origin);
@@ -143,6 +150,10 @@ client.on("state", (state) => {
   renderFooter();
 });
 client.on("message", renderFooter);
+client.on("connected", async () => {
+  // Jobs announced while the page was connecting: ask again once connected.
+  try { for (const id of (await fetchToken()).jobs) watchJob(id); } catch { /* next time */ }
+});
 client.subscribe(`user:${first.user}`, { onMessage: onUserMessage });
 for (const id of [...first.jobs, ...(params.get("jobs")?.split(",").filter(Boolean) || [])]) watchJob(id);
 client.connect();

@@ -1,0 +1,220 @@
+"""The demo page and /client.js in headless Chromium (Debian's, driven by Playwright).
+
+- the demo's progress bars advance and notifications arrive (screenshot saved
+  to artifacts/demo.png);
+- a Redis-engine gateway killed and restarted under the page: it shows
+  `reconnecting`, then resumes with every published offset exactly once;
+- WebSocket upgrades refused by a proxy: the page works over SSE; with the
+  stream refused too, it works by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Page, async_playwright
+
+from gateway.publisher import RedisPublisher
+from tests.support import publish
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-background-networking", "--disable-quic", "--no-first-run",
+    "--disable-component-update", "--disable-sync",
+]
+# The page's client, tuned so a restart is noticed and retried quickly.
+FAST = "backoffMaxMs=1000&openTimeoutMs=4000&pollIntervalMs=300"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed (./dev.sh test installs it)")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[Page]:
+    executable = chromium()
+    profile = tempfile.mkdtemp(prefix="herald-chromium-")
+    try:
+        async with async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                profile, executable_path=executable, headless=True, args=FLAGS,
+                viewport={"width": 1280, "height": 900},
+            )
+            pg = await context.new_page()
+            errors: list[str] = []
+            pg.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield pg
+            await context.close()
+            assert errors == [], errors  # no uncaught exception in the page
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def until(pg: Page, expression: str, timeout: float = 30.0) -> Any:
+    """Wait until a JS expression is truthy in the page; returns its value."""
+    handle = await pg.wait_for_function(expression, timeout=timeout * 1000)
+    return await handle.json_value()
+
+
+async def page_offsets(pg: Page, channel: str) -> list[int]:
+    return await pg.evaluate(
+        "(ch) => window.heraldDemo.log.filter(e => e.channel === ch).map(e => e.offset)",
+        channel,
+    )
+
+
+async def test_demo_progress_bars_advance(spawn_gateway, page):
+    gw = spawn_gateway("gw-demo", HERALD_DEMO="true")
+    await page.goto(gw.url + "/")
+    await until(page, "document.body.dataset.state === 'connected'")
+    label = await page.text_content("#status-label")
+    assert label == "Live · WebSocket"
+    # A job appears and its bar moves forward.
+    first = await until(page, """(() => {
+        const el = document.querySelector('.job[data-progress]');
+        return el && Number(el.dataset.progress) > 0 && el.dataset.jobId; })()""")
+    before = int(await page.get_attribute(f'.job[data-job-id="{first}"]', "data-progress"))
+    await until(page, f"""Number(document.querySelector('.job[data-job-id="{first}"]')
+        .dataset.progress) > {before}""")
+    bar = page.locator(f'.job[data-job-id="{first}"] .bar')
+    assert int(await bar.get_attribute("aria-valuenow")) > before
+    # A job finishes (completed or failed) and its notification shows up.
+    await until(page, "document.querySelectorAll('#notifications .note').length >= 1", 60)
+    await until(page, "document.querySelectorAll('.job').length >= 3", 30)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+    assert await page.evaluate("window.heraldDemo.client.stats.duplicates") == 0
+
+
+async def test_gateway_restart_shows_reconnecting_and_misses_nothing(
+    spawn_gateway, redis_url, page
+):
+    gw = spawn_gateway("gw-browser", HERALD_DEMO="true", HERALD_REDIS_URL=redis_url)
+    log: list[int] = []  # the publisher's log of offsets
+
+    async with RedisPublisher(redis_url) as pub:
+        await pub.register_job("t1", owner="demo")
+
+        async def progress(n: int) -> None:
+            reply = await pub.job_progress("t1", "demo", "processing", n, stage="testing",
+                                           message=f"step {n}")
+            log.append(reply["offset"])
+
+        await page.goto(f"{gw.url}/?jobs=t1&{FAST}")
+        await until(page, "document.body.dataset.state === 'connected'")
+        await until(page, "document.querySelector('.job[data-job-id=\"t1\"]')")
+        for n in range(1, 6):
+            await progress(n)
+        await until(page, "window.heraldDemo.log.filter(e => e.channel === 'job:t1').length === 5")
+
+        await asyncio.to_thread(gw.stop)  # kill -9
+        await until(page, "document.body.dataset.state === 'reconnecting'")
+        assert await page.text_content("#status-label") == "Reconnecting…"
+        for n in range(6, 16):  # published while the page has no gateway
+            await progress(n)
+        await asyncio.to_thread(gw.start)
+        for n in range(16, 21):
+            await progress(n)
+        await until(page, "document.body.dataset.state === 'connected'")
+        await until(page, "window.heraldDemo.log.filter(e => e.channel === 'job:t1').length >= 20")
+        assert await page_offsets(page, "job:t1") == log == list(range(1, 21))
+        assert await page.get_attribute('.job[data-job-id="t1"]', "data-progress") == "20"
+
+        reply = await pub.job_progress("t1", "demo", "completed", 100, message="all done")
+        log.append(reply["offset"])
+        await until(page, "document.querySelector('#notifications .note[data-kind=completed]')")
+    assert await page_offsets(page, "job:t1") == log
+    states = await page.evaluate("window.heraldDemo.states")
+    assert states[:2] == ["connecting", "connected"] and "reconnecting" in states
+    assert await page.evaluate("window.heraldDemo.client.stats.resets") == 0
+
+
+# -- a proxy that breaks WebSockets (and optionally SSE) -----------------------
+
+
+async def start_proxy(
+    target_port: int, refuse: Callable[[bytes], bool]
+) -> tuple[asyncio.Server, int]:
+    """A loopback HTTP proxy that answers 403 to requests `refuse` matches.
+
+    It forces `Connection: close` so every request comes on its own
+    connection and is inspected; everything else is piped through as is.
+    """
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
+        if refuse(head):
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        lines = [ln for ln in head.split(b"\r\n") if ln and not ln.lower().startswith(
+            b"connection:")]
+        head = b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        up_writer.write(head)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def is_upgrade(head: bytes) -> bool:
+    return b"upgrade: websocket" in head.lower()
+
+
+def is_stream(head: bytes) -> bool:
+    return is_upgrade(head) or head.startswith(b"GET /sse")
+
+
+@pytest.mark.parametrize(
+    ("refuse", "state", "transport"),
+    [(is_upgrade, "fallback:sse", "sse"), (is_stream, "fallback:poll", "poll")],
+    ids=["websocket-blocked", "websocket-and-sse-blocked"],
+)
+async def test_blocked_websockets_fall_back(spawn_gateway, page, refuse, state, transport):
+    gw = spawn_gateway("gw-proxied", HERALD_DEMO="true")
+    server, port = await start_proxy(gw.port, refuse)
+    try:
+        await publish(gw, "job:p1", "progress", {"progress": 0, "title": "Proxied job"},
+                      owner="demo")
+        await page.goto(f"http://127.0.0.1:{port}/?jobs=p1&{FAST}")
+        await until(page, f"document.body.dataset.state === '{state}'")
+        assert await page.evaluate("window.heraldDemo.client.transport") == transport
+        log = []
+        for n in range(1, 6):
+            reply = await publish(gw, "job:p1", "progress", {"progress": n * 20})
+            log.append(reply["offset"])
+        await until(page, """document.querySelector('.job[data-job-id="p1"]')
+            .dataset.progress === '100'""")
+        await until(page, "window.heraldDemo.log.filter(e => e.channel === 'job:p1').length >= 5")
+        assert await page_offsets(page, "job:p1") == log
+    finally:
+        server.close()
