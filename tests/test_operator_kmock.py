@@ -1,0 +1,245 @@
+"""The operator process (kopf, `herald-operator run`) against kmock and a real Redis.
+
+No cluster exists here: kmock is the Kubernetes API; `FleetController` plays
+the ReplicaSet controller; the registry entries are written with redis-py
+exactly as gateways write them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from herald_operator.rebalance import DELETION_COST
+from tests.conftest import free_port
+from tests.operator_harness import (
+    GATEWAYS,
+    NAMESPACE,
+    Api,
+    FleetController,
+    OperatorProcess,
+    gateway_path,
+    kube_server,
+    ns_path,
+    wait_for,
+    write_node,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+GATEWAY: dict[str, Any] = {
+    "apiVersion": "herald.io/v1alpha1",
+    "kind": "RealtimeGateway",
+    "metadata": {"name": "gw", "namespace": NAMESPACE},
+    "spec": {
+        "image": "herald:test",
+        "redis": {"secretRef": {"name": "herald-redis"}},
+        "auth": {"jwtSecretRef": {"name": "herald-auth"}, "apiKeyRef": {"name": "herald-auth"}},
+        "minReplicas": 2,
+        "maxReplicas": 6,
+        "targetConnectionsPerReplica": 100,
+        "scaleUp": {"maxStep": 2},
+        "scaleDown": {"stabilizationWindowSeconds": 6, "step": 1},
+        "drainSeconds": 7,
+        "rebalancing": {"enabled": False},
+    },
+}
+
+
+def gateway(**spec: Any) -> dict[str, Any]:
+    body = copy.deepcopy(GATEWAY)
+    body["spec"].update(spec)
+    return body
+
+
+async def events(api: Api, reason: str | None = None) -> list[dict[str, Any]]:
+    found = await api.items(ns_path("v1", "events"))
+    return [e for e in found if reason is None or e.get("reason") == reason]
+
+
+async def deployment(api: Api, name: str = "gw") -> dict[str, Any] | None:
+    return await api.get(ns_path("apps/v1", "deployments", name))
+
+
+async def replicas(api: Api) -> int | None:
+    deploy = await deployment(api)
+    return None if deploy is None else deploy["spec"]["replicas"]
+
+
+@pytest.fixture
+async def api():
+    async with kube_server() as server:
+        yield server
+
+
+@pytest.fixture
+def operator(api: Api, tmp_path: Path, redis_url: str):
+    started: list[OperatorProcess] = []
+
+    def start(*args: str) -> OperatorProcess:
+        proc = OperatorProcess(api, tmp_path, "--standalone", "--interval", "1",
+                               "--metrics-port", "0", *args, redis_url=redis_url)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+async def test_creating_a_gateway_yields_deployment_service_and_pdb(api, operator):
+    proc = operator()
+    created = await api.post(GATEWAYS, gateway())
+    uid = created["metadata"]["uid"]
+
+    deploy = await wait_for(lambda: deployment(api), "the Deployment", proc=proc)
+    svc = await wait_for(lambda: api.get(ns_path("v1", "services", "gw")), "the Service")
+    pdb = await wait_for(lambda: api.get(ns_path("policy/v1", "poddisruptionbudgets", "gw")),
+                         "the PDB")
+    for obj in (deploy, svc, pdb):
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner["uid"] == uid and owner["kind"] == "RealtimeGateway" and owner["controller"]
+    assert deploy["spec"]["replicas"] == 2  # starts at minReplicas
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["herald", "serve"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "preStop" in container["lifecycle"]
+    assert pod["terminationGracePeriodSeconds"] == 5 + 7 + 10  # preStop + drain + margin
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HERALD_DRAIN_SECONDS"]["value"] == "7"
+    assert env["HERALD_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["HERALD_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "herald-redis", "key": "redis-url"}
+    assert env["HERALD_JWT_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "jwt-secret"
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert svc["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+    status = await wait_for(
+        lambda: _status(api, "desiredReplicas"), "status.desiredReplicas", proc=proc)
+    assert status["desiredReplicas"] == 2
+    assert status["selector"] == ("app.kubernetes.io/instance=gw,"
+                                  "app.kubernetes.io/name=herald-gateway")
+    created_events = await wait_for(lambda: events(api, "Created"), "Created events")
+    assert {e["involvedObject"]["name"] for e in created_events} == {"gw"}
+
+
+async def _status(api: Api, key: str, name: str = "gw") -> dict[str, Any] | None:
+    body = await api.get(gateway_path(name))
+    status = (body or {}).get("status") or {}
+    return status if key in status else None
+
+
+async def test_spec_change_rolls_out_and_drift_is_corrected(api, operator):
+    proc = operator()
+    await api.post(GATEWAYS, gateway())
+    await wait_for(lambda: deployment(api), "the Deployment", proc=proc)
+
+    await api.patch(gateway_path("gw"), {"spec": {"image": "herald:v2", "drainSeconds": 30}})
+
+    async def rolled_out():
+        deploy = await deployment(api)
+        pod = deploy["spec"]["template"]["spec"]
+        return pod["containers"][0]["image"] == "herald:v2" and \
+            pod["terminationGracePeriodSeconds"] == 45
+    await wait_for(rolled_out, "the new image and grace period", proc=proc)
+
+    # Someone edits the Deployment by hand: the operator puts it back.
+    deploy = await deployment(api)
+    tampered = copy.deepcopy(deploy["spec"]["template"]["spec"]["containers"])
+    tampered[0]["image"] = "evil:latest"
+    await api.patch(ns_path("apps/v1", "deployments", "gw"),
+                    {"spec": {"template": {"spec": {"containers": tampered}}}})
+    await wait_for(rolled_out, "the drift corrected", proc=proc)
+    assert await wait_for(lambda: events(api, "Updated"), "an Updated event")
+
+
+async def test_bad_spec_is_reported_not_applied(api, operator):
+    proc = operator()
+    await api.post(GATEWAYS, gateway(minReplicas=5, maxReplicas=2))
+    status = await wait_for(lambda: _status(api, "conditions"), "conditions", proc=proc)
+    (cond,) = [c for c in status["conditions"] if c["type"] == "SpecValid"]
+    assert cond["status"] == "False" and "minReplicas" in cond["message"]
+    (event,) = await wait_for(lambda: events(api, "InvalidSpec"), "an InvalidSpec event")
+    assert event["type"] == "Warning"
+    assert await deployment(api) is None
+
+
+async def test_registry_load_scales_up_then_down_after_the_window(api, operator, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    metrics_port = free_port()
+    proc = operator("--metrics-port", str(metrics_port))
+    await api.post(GATEWAYS, gateway())
+    async with FleetController(api, "gw") as fleet:
+        await wait_for(lambda: _pods_are(fleet, 2), "2 pods", proc=proc)
+
+        # 450 connections at 100 per replica: 5 replicas, reached in steps of at most 2.
+        async def loaded():
+            pods = [p["metadata"]["name"] for p in await fleet.pods()]
+            for i, pod in enumerate(sorted(pods)):
+                write_node(client, pod, 450 // len(pods) + (1 if i < 450 % len(pods) else 0))
+            return await replicas(api) == 5
+        await wait_for(loaded, "5 replicas", proc=proc)
+        history = [v.get("spec", {}).get("replicas") for v in _versions(api, "deployments")]
+        steps = [b - a for a, b in itertools.pairwise(history)
+                 if a is not None and b is not None and b > a]
+        assert steps and max(steps) <= 2, history
+        status = await wait_for(lambda: _status(api, "lastScaleReason"), "lastScaleReason")
+        assert "scaling up" in status["lastScaleReason"]
+        assert (await wait_for(lambda: events(api, "ScaledUp"), "ScaledUp events"))
+
+        # Load drops to 120 (2 replicas' worth): nothing happens before the 6 s window...
+        lowered_at = time.monotonic()
+        costs = {}
+
+        async def lowered():
+            pods = sorted(p["metadata"]["name"] for p in await fleet.pods())
+            for i, pod in enumerate(pods):
+                costs[pod] = 50 if i == 0 else 70 // (len(pods) - 1)
+                write_node(client, pod, costs[pod])
+            return await replicas(api) == 2
+        while time.monotonic() - lowered_at < 4:
+            await lowered()
+            assert await replicas(api) == 5, "scaled down inside the stabilisation window"
+            await asyncio.sleep(0.3)
+        # ...then it steps down one replica at a time, emptiest pods first.
+        await wait_for(lowered, "2 replicas after the window", timeout=60, proc=proc)
+        assert (await wait_for(lambda: events(api, "ScaledDown"), "ScaledDown events"))
+        pods_left = {p["metadata"]["name"] for p in await fleet.pods()}
+        assert pods_left, "pods remain"
+        annotated = [p for p in await fleet.pods()
+                     if DELETION_COST in (p["metadata"].get("annotations") or {})]
+        assert annotated, "deletion costs were set on the pods"
+        removed_costs = [costs.get(p, 0) for p in fleet.removed]
+        kept_costs = [costs[p] for p in pods_left if p in costs]
+        assert max(removed_costs) <= min(kept_costs), (fleet.removed, pods_left, costs)
+
+    status = await _status(api, "connections")
+    assert status["desiredReplicas"] == 2 and status["reportingNodes"] >= 2
+    assert any(c["type"] == "RegistryFresh" and c["status"] == "True"
+               for c in status["conditions"])
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{metrics_port}/metrics") as rsp:
+        text = await rsp.text()
+    assert 'herald_operator_scale_decisions_total{direction="up",gateway="gw"' in text
+
+
+def _versions(api: Api, plural: str) -> list[dict[str, Any]]:
+    for key, obj in api.handler.objects.items():
+        if key[0].plural == plural:
+            return [v.raw for v in obj.history if v is not None]
+    return []
+
+
+async def _pods_are(fleet: FleetController, count: int) -> bool:
+    return len(await fleet.pods()) == count

@@ -1,0 +1,141 @@
+"""The CRD, the spec parser that applies its schema, the manifests and rebalancing (pure)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from herald_operator import manifests
+from herald_operator.crd import SPEC_SCHEMA, crd_manifest, crd_yaml
+from herald_operator.rebalance import NodeLoad, deletion_costs, shed_plan
+from herald_operator.spec import SpecError, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART_CRD = ROOT / "charts/herald/crds/realtimegateways.herald.io.yaml"
+MINIMAL = {"image": "herald:1", "redis": {"url": "redis://redis:6379/0"}}
+
+
+def test_chart_crd_is_the_generated_one():
+    assert CHART_CRD.read_text() == crd_yaml(), "run: herald-operator crd > " + str(CHART_CRD)
+
+
+def test_crd_shape():
+    crd = crd_manifest()
+    assert crd["metadata"]["name"] == "realtimegateways.herald.io"
+    assert crd["spec"]["scope"] == "Namespaced"
+    assert crd["spec"]["names"]["shortNames"] == ["rtgw"]
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"]["status"] == {}
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    columns = {c["name"] for c in version["additionalPrinterColumns"]}
+    assert {"Replicas", "Connections", "Age"} <= columns
+
+
+def test_crd_schema_is_a_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(
+        crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def test_herald_operator_crd_command_and_stdlib_operator_intact():
+    out = subprocess.run([sys.executable, "-c",
+                          "import operator; assert operator.add(2, 3) == 5; "
+                          "from herald_operator.cli import main; main(['crd'])"],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    assert yaml.safe_load(out.stdout)["kind"] == "CustomResourceDefinition"
+
+
+def test_defaults_come_from_the_schema():
+    spec = parse_spec(MINIMAL)
+    assert spec.scaling.min_replicas == SPEC_SCHEMA["properties"]["minReplicas"]["default"]
+    assert spec.scaling.up_max_step == 4 and spec.scaling.down_window == 300
+    assert spec.drain_seconds == 20 and spec.redis_prefix == "herald:"
+    assert spec.raw["service"] == {"type": "ClusterIP", "port": 80}
+    assert spec.raw["pdb"] == {"enabled": True, "maxUnavailable": 1}
+    assert spec.rebalancing and spec.rebalance_threshold == 0.2
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"image": ""}, "spec.image"),
+    ({"redis": {}}, "exactly one of spec.redis.url and spec.redis.secretRef"),
+    ({"redis": {"url": "redis://a", "secretRef": {"name": "s"}}}, "exactly one"),
+    ({"redis": {"url": "http://a"}}, "spec.redis.url"),
+    ({"minReplicas": 0}, "spec.minReplicas: 0 is less than the minimum of 1"),
+    ({"maxReplicas": 5000}, "spec.maxReplicas"),
+    ({"minReplicas": 5, "maxReplicas": 3}, "minReplicas must not exceed"),
+    ({"scaleUp": {"minStep": 5, "maxStep": 2}}, "minStep must not exceed"),
+    ({"scaleDown": {"stabilizationWindowSeconds": -1}}, "stabilizationWindowSeconds"),
+    ({"targetConnectionsPerReplica": "many"}, "is not of type 'integer'"),
+    ({"service": {"type": "External"}}, "spec.service.type"),
+    ({"rebalancing": {"threshold": 0}}, "spec.rebalancing.threshold"),
+    ({"auth": {"jwtSecretRef": {"name": "a"}, "jwtPublicKeyRef": {"name": "b"}}},
+     "at most one"),
+    ({"env": [{"value": "x"}]}, "spec.env[0]: 'name' is a required property"),
+    ({"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
+])
+def test_bad_specs_are_refused_with_the_field(change, message):
+    with pytest.raises(SpecError, match=None) as info:
+        parse_spec({**MINIMAL, **change})
+    assert message in str(info.value)
+
+
+def test_missing_spec_is_refused():
+    with pytest.raises(SpecError, match="'image' is a required property"):
+        parse_spec(None)
+
+
+def _deploy(**change):
+    spec = parse_spec({**MINIMAL, **change})
+    return manifests.deployment("gw", "ns", "uid-1", spec, 3)
+
+
+def test_deployment_manifest():
+    deploy = _deploy(drainSeconds=40, env=[{"name": "HERALD_LOG_LEVEL", "value": "DEBUG"}],
+                     podTemplate={"nodeSelector": {"pool": "edge"}, "labels": {"team": "a"}})
+    pod = deploy["spec"]["template"]["spec"]
+    assert deploy["spec"]["replicas"] == 3
+    assert pod["terminationGracePeriodSeconds"] == manifests.PRESTOP_SECONDS + 40 + 10
+    assert pod["nodeSelector"] == {"pool": "edge"}
+    assert deploy["spec"]["template"]["metadata"]["labels"]["team"] == "a"
+    assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    env = pod["containers"][0]["env"]
+    assert env[-1] == {"name": "HERALD_LOG_LEVEL", "value": "DEBUG"}  # user env last, wins
+    assert {"name": "HERALD_REDIS_URL", "value": "redis://redis:6379/0"} in env
+    assert deploy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_drift_ignores_server_defaults_but_not_changes():
+    desired = {"spec": {"a": 1, "list": [{"x": 1}]}}
+    assert manifests.drift(desired, {"spec": {"a": 1, "b": 2, "list": [{"x": 1, "y": 0}]}}) == []
+    assert manifests.drift(desired, {"spec": {"a": 2, "list": [{"x": 1}]}}) == [".spec.a"]
+    assert manifests.drift(desired, {"spec": {"a": 1, "list": []}}) == [".spec.list"]
+
+
+def test_deletion_costs_follow_connections():
+    costs = deletion_costs(["a", "b", "c"], {"a": 10, "b": 3, "c": 10**12})
+    assert costs == {"a": 10, "b": 3, "c": 2**31 - 1}
+    assert deletion_costs(["new"], {}) == {"new": 0}
+
+
+@pytest.mark.parametrize(("loads", "threshold", "budget", "plan"), [
+    ({"a": 100, "b": 100}, 0.2, 1000, {}),  # balanced
+    ({"a": 300, "b": 0, "c": 0}, 0.2, 1000, {"a": 200}),  # after a scale-up: down to the mean
+    ({"a": 300, "b": 0, "c": 0}, 0.2, 50, {"a": 50}),  # rate-bounded
+    ({"a": 300, "b": 280, "c": 0, "d": 0}, 0.2, 1000, {"a": 155, "b": 135}),
+    ({"a": 300, "b": 280, "c": 0, "d": 0}, 0.2, 200, {"a": 155, "b": 45}),  # fullest first
+    ({"a": 110, "b": 90}, 0.2, 1000, {}),  # within the threshold
+    ({"a": 500}, 0.2, 1000, {}),  # nobody to move to
+])
+def test_shed_plan(loads, threshold, budget, plan):
+    nodes = [NodeLoad(name, conns) for name, conns in loads.items()]
+    assert shed_plan(nodes, threshold, budget) == plan
+
+
+def test_shed_plan_ignores_draining_and_unready_nodes():
+    nodes = [NodeLoad("a", 300), NodeLoad("b", 0, draining=True), NodeLoad("c", 0, ready=False)]
+    assert shed_plan(nodes, 0.2, 1000) == {}
