@@ -141,6 +141,20 @@ async def test_gateway_restart_shows_reconnecting_and_misses_nothing(
     assert await page.evaluate("window.heraldDemo.client.stats.resets") == 0
 
 
+async def test_token_refresh_and_offline(spawn_gateway, page):
+    gw = spawn_gateway("gw-refresh", HERALD_DEMO="true")
+    # The demo token lives 900 s: refreshing 899 s early makes it happen at once.
+    await page.goto(f"{gw.url}/?{FAST}&refreshBeforeMs=899000")
+    await until(page, "document.body.dataset.state === 'connected'")
+    await until(page, "window.heraldDemo.client.stats.refreshes >= 1")  # `authenticated`
+    assert await page.evaluate("window.heraldDemo.client.stats.reconnects") == 0
+    await page.context.set_offline(True)
+    await until(page, "document.body.dataset.state === 'offline'")
+    assert await page.text_content("#status-label") == "Offline"
+    await page.context.set_offline(False)
+    await until(page, "document.body.dataset.state === 'connected'")
+
+
 # -- a proxy that breaks WebSockets (and optionally SSE) -----------------------
 
 

@@ -70,7 +70,7 @@ export class HeraldClient {
     this.user = null;
     this.state = "offline";
     this.transport = null;
-    this.stats = { reconnects: 0, duplicates: 0, gapsFilled: 0, resets: 0 };
+    this.stats = { reconnects: 0, duplicates: 0, gapsFilled: 0, resets: 0, refreshes: 0 };
     this._channels = new Map();
     this._handlers = new Map();
     this._transportIndex = 0;
@@ -402,7 +402,7 @@ export class HeraldClient {
     switch (frame.type) {
       case "message": this._onMessage(frame); break;
       case "subscribed": this._onSubscribed(frame); break;
-      case "authenticated": this._scheduleRefresh(frame.expires); break;
+      case "authenticated": this.stats.refreshes += 1; this._scheduleRefresh(frame.expires); break;
       case "reconnect": this._plannedDelay = Math.max(0, frame.after_ms || 0); break;
       case "error": this._onError(frame); break;
       default: break; // pong, unsubscribed, and types added later

@@ -2,7 +2,7 @@
 // Query parameters (for trying things out and for the browser tests):
 //   ?jobs=a,b          also watch job:a and job:b
 //   ?transports=sse    restrict the client's transports (ws, sse, poll)
-//   ?backoffMaxMs=2000 (and pollIntervalMs, openTimeoutMs) tune the client
+//   ?backoffMaxMs=2000 (and pollIntervalMs, openTimeoutMs, refreshBeforeMs) tune the client
 import { HeraldClient } from "/client.js";
 
 const MAX_JOBS = 12;
@@ -129,7 +129,7 @@ function renderFooter() {
 const first = await fetchToken();
 const transports = params.get("transports")?.split(",").filter(Boolean);
 const tuning = {};
-for (const key of ["backoffMaxMs", "pollIntervalMs", "openTimeoutMs"]) {
+for (const key of ["backoffMaxMs", "pollIntervalMs", "openTimeoutMs", "refreshBeforeMs"]) {
   if (params.has(key)) tuning[key] = Number(params.get(key));
 }
 const client = new HeraldClient({
