@@ -228,3 +228,10 @@ def worker_for(node: Node) -> DemoWorker | None:
         worker = _workers[node] = DemoWorker(node)
     worker.ensure_running()
     return worker
+
+
+async def stop_worker(node: Node) -> None:
+    """Stop the node's demo worker, if it has one (tests, embedding applications)."""
+    worker = _workers.pop(node, None)
+    if worker is not None:
+        await worker.stop()

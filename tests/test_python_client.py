@@ -164,3 +164,6 @@ async def test_nothing_lost_across_a_gateway_restart(spawn_gateway, redis_url):
         assert notes == published["user"] == list(range(1, 21))
         assert client.stats["reconnects"] >= 1
         assert client.stats["resets"] == 0
+        # user:alice comes back subscribed without `since` (automatic): the
+        # client filled that gap from the HTTP history.
+        assert client.stats["gaps_filled"] >= 1
