@@ -22,9 +22,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from loadtests.herald_load.options import ConfigError, ws_url_from
 from loadtests.herald_load.tracker import OffsetTracker, Verdict
@@ -315,3 +317,83 @@ def test_ws_url_from_host() -> None:
     assert ws_url_from("https://rt.example.com/herald/") == "wss://rt.example.com/herald/ws"
     with pytest.raises(ConfigError, match="--host must be an http"):
         ws_url_from("localhost:8080")
+
+
+# -- distributed: master and workers -------------------------------------------------
+
+
+def test_master_with_workers_aggregates_and_judges(herald: str, tmp_path: Path) -> None:
+    """`--processes 2`: a master and two worker processes, options sent by the master only."""
+    run = locust(
+        herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--rate", "5",
+        "--processes", "2", *NO_TIMING,
+    )
+    assert_clean_delivery(run)
+    assert run.count("ws", "connect") == 10  # viewers of both workers, counted on the master
+
+
+# -- the Kubernetes manifests --------------------------------------------------------
+
+K8S = ROOT / "loadtests" / "k8s"
+
+
+def k8s_objects(overlay: str) -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k loadtests/k8s/<overlay>` creates (resources only)."""
+
+    def collect(folder: Path) -> list[dict[str, Any]]:
+        kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+        objects: list[dict[str, Any]] = []
+        for entry in kustomization["resources"]:
+            path = (folder / entry).resolve()
+            if path.is_dir():
+                objects += collect(path)
+            else:
+                objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
+        return objects
+
+    return collect(K8S / overlay)
+
+
+@pytest.mark.parametrize("overlay", ["web", "headless"])
+def test_k8s_manifests_are_valid_and_consistent(overlay: str) -> None:
+    import kubernetes_validate
+
+    objects = k8s_objects(overlay)
+    kinds = sorted(o["kind"] for o in objects)
+    master_kind = "Deployment" if overlay == "web" else "Job"
+    assert kinds == sorted(["ConfigMap", "Service", "Deployment", master_kind])
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.30.0", strict=True)
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    service = by_kind[("Service", "herald-loadtest-master")]
+    master_name = "herald-loadtest-master" if overlay == "web" else "herald-loadtest"
+    master = by_kind[(master_kind, master_name)]
+    worker = by_kind[("Deployment", "herald-loadtest-worker")]
+    master_pod = master["spec"]["template"]
+    # The Service reaches the master pod, and workers reach the Service.
+    assert service["spec"]["selector"].items() <= master_pod["metadata"]["labels"].items()
+    assert "herald-loadtest-master" in worker["spec"]["template"]["spec"]["containers"][0]["args"]
+    # Both may pass the chart's NetworkPolicy (part-of + instance labels).
+    for pod in (master_pod, worker["spec"]["template"]):
+        assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "herald"
+        assert "app.kubernetes.io/instance" in pod["metadata"]["labels"]
+    # Every LOCUST_* setting in the ConfigMap is an option that exists.
+    config = by_kind[("ConfigMap", "herald-loadtest")]["data"]
+    known = option_env_vars() | {"LOCUST_HOST", "LOCUST_EXPECT_WORKERS", "LOCUST_USERS"}
+    assert set(config) <= known, set(config) - known
+    env = {e["name"] for e in master_pod["spec"]["containers"][0]["env"]}
+    assert env == {"HERALD_JWT_SECRET", "HERALD_API_KEY"} <= option_env_vars()
+
+
+def option_env_vars() -> set[str]:
+    """The environment variable of every load-test option, as registered with Locust."""
+    from loadtests.herald_load.options import add_arguments
+
+    names: set[str] = set()
+
+    class Recorder:
+        def add_argument(self, *args: Any, env_var: str, **kwargs: Any) -> None:
+            names.add(env_var)
+
+    add_arguments(Recorder())
+    return names

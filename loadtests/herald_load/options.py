@@ -21,12 +21,26 @@ class ConfigError(ValueError):
     """An option is missing or malformed; the message says which and why."""
 
 
+class _EnvOptions:
+    """Adds each option with an environment variable, `LOCUST_<NAME>` unless named.
+
+    Locust's own `add_argument` (not an argument group's) is used because it
+    knows `is_secret` (masked in the web UI).
+    """
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+
+    def add_argument(self, flag: str, **kwargs: Any) -> None:
+        kwargs.setdefault("env_var", "LOCUST_" + flag.lstrip("-").replace("-", "_").upper())
+        self._parser.add_argument(flag, **kwargs)
+
+
 def add_arguments(parser: Any) -> None:
     """Register our options on Locust's parser (the `init_command_line_parser` hook)."""
-    # Locust's own add_argument (not a group's) knows is_secret and the web UI.
-    g = c = parser
+    g = c = _EnvOptions(parser)
     g.add_argument(
-        "--scenario", choices=sorted(SCENARIOS), default=None, env_var="LOCUST_SCENARIO",
+        "--scenario", choices=sorted(SCENARIOS), default=None,
         help="scenario to run (default fanout; or select by --tags NAME)",
     )
     g.add_argument(
