@@ -173,7 +173,12 @@ export class HeraldClient {
     if (!this.token && this.options.getToken) {
       try { this.token = await this.options.getToken(); } catch (err) { this._emit("error", err); }
     }
-    if (!this.token) { this._fail("no token"); return; }
+    if (!this.token) {
+      if (!this.options.getToken) { this._fail("no token"); return; }
+      this._setState("reconnecting"); // getToken failed: try again later
+      this._reopen(null);
+      return;
+    }
     if (!this.user) this.user = jwtPayload(this.token).sub || null;
     const kind = this.options.transports[this._transportIndex] || "poll";
     this.transport = kind;
@@ -214,7 +219,8 @@ export class HeraldClient {
       this._setState("offline");
       return; // the "online" event reopens
     }
-    if (code === 4001) {
+    const exp = this.token ? jwtPayload(this.token).exp : 0;
+    if (code === 4001 || (exp && exp * 1000 <= Date.now())) {
       // Unauthorized or expired: only a fresh token helps.
       if (!this.options.getToken) { this._fail("unauthorized"); return; }
       this.token = null;
