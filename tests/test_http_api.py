@@ -117,6 +117,14 @@ async def test_publish_body_too_large_is_413(make_gateway):
     problem(status, reply, 413, "message_too_large", "body over 4000")
 
 
+async def test_huge_body_is_refused_without_buffering_it(make_gateway):
+    """Over 8x max_publish_bytes the server refuses while reading (400), even without a key."""
+    gw = await make_gateway(max_publish_bytes=1000)
+    status, _ = await http(gw, "POST", PUBLISH, raw=b" " * 50_000)
+    assert status == 400
+    assert (await http(gw, "GET", "/healthz"))[0] == 200  # and keeps serving
+
+
 async def test_publish_wrong_method_is_405(gateway):
     status, reply = await http(gateway, "GET", PUBLISH, headers=api_headers())
     assert status == 405 and reply["error"] == "bad_request"
