@@ -141,6 +141,33 @@ async def test_gateway_restart_shows_reconnecting_and_misses_nothing(
     assert await page.evaluate("window.heraldDemo.client.stats.resets") == 0
 
 
+async def test_lost_history_shows_the_current_state(spawn_gateway, redis_url, page):
+    """Redis loses everything while the gateway is down: the page gets `recovered: false`
+    and renders the state it is handed, instead of trusting old offsets."""
+    import redis.asyncio as aioredis
+
+    gw = spawn_gateway("gw-reset", HERALD_DEMO="true", HERALD_REDIS_URL=redis_url)
+    async with RedisPublisher(redis_url) as pub:
+        await pub.register_job("lost", owner="demo")
+        await pub.job_progress("lost", "demo", "processing", 30, stage="before")
+        await page.goto(f"{gw.url}/?jobs=lost&{FAST}")
+        await until(page, """document.querySelector('.job[data-job-id="lost"]')
+            ?.dataset.progress === '30'""")
+        await asyncio.to_thread(gw.stop)
+        client = aioredis.from_url(redis_url)
+        await client.flushall()  # history, offsets, owners: gone (a new epoch)
+        await client.aclose()
+        await pub.register_job("lost", owner="demo")
+        await pub.job_progress("lost", "demo", "processing", 70, stage="after")
+        await asyncio.to_thread(gw.start)
+        await until(page, """document.querySelector('.job[data-job-id="lost"]')
+            .dataset.progress === '70'""")
+    assert await page.text_content('.job[data-job-id="lost"] .stage') == "after"
+    # Both channels it follows lost their history: job:lost and user:demo.
+    assert await page.evaluate("window.heraldDemo.client.stats.resets") == 2
+    assert await page_offsets(page, "job:lost") == []  # told by state, not by old offsets
+
+
 async def test_token_refresh_and_offline(spawn_gateway, page):
     gw = spawn_gateway("gw-refresh", HERALD_DEMO="true")
     # The demo token lives 900 s: refreshing 899 s early makes it happen at once.
