@@ -90,8 +90,13 @@ async def test_demo_progress_bars_advance(spawn_gateway, page):
         .dataset.progress) > {before}""")
     bar = page.locator(f'.job[data-job-id="{first}"] .bar')
     assert int(await bar.get_attribute("aria-valuenow")) > before
+    # The README's curl: a notification of one's own appears on the page.
+    await publish(gw, "user:demo", "notification", {"message": "Hello from the test"})
+    await until(page, """[...document.querySelectorAll('#notifications .note')]
+        .some(n => n.textContent.includes('Hello from the test'))""")
     # A job finishes (completed or failed) and its notification shows up.
-    await until(page, "document.querySelectorAll('#notifications .note').length >= 1", 60)
+    await until(page, """document.querySelector(
+        '#notifications .note[data-kind=completed], #notifications .note[data-kind=failed]')""", 60)
     await until(page, "document.querySelectorAll('.job').length >= 3", 30)
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
