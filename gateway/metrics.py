@@ -7,7 +7,17 @@ conventions: `herald_` prefix, `_total` counters, base units (seconds, bytes).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# `*_created` series double the exposition for no use on dashboards.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -70,6 +80,17 @@ class Metrics:
             "herald_connections_shed_total",
             "Clients asked to reconnect elsewhere, by reason (rebalance, draining)",
             ["reason"],
+            registry=r,
+        )
+
+        self.slow_consumers = Counter(
+            "herald_slow_consumers_total",
+            "Connections closed (4008) because their outgoing buffer passed its bound",
+            registry=r,
+        )
+        self.buffered_bytes = Gauge(
+            "herald_send_buffer_bytes",
+            "Bytes waiting to be written to clients (all connections, at scrape time)",
             registry=r,
         )
 

@@ -11,7 +11,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from gateway import publishing
@@ -30,12 +30,20 @@ from gateway.config import Settings
 from gateway.errors import CloseCode, ProtocolError
 from gateway.hub import Hub
 from gateway.metrics import Metrics
+from gateway.outbox import Outbox
 from gateway.registry import RegistryWriter
 
 if TYPE_CHECKING:
+    from asyncio import Future
+
+    from tornado.iostream import IOStream
+
     from gateway.session import Session
 
 log = logging.getLogger("herald.node")
+
+# A replay pauses for the socket to drain past this many pending bytes.
+REPLAY_PACE_BYTES = 64 * 1024
 
 
 def parse_since(since: Any) -> tuple[str, int] | None:
@@ -159,6 +167,27 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def outbox(
+        self,
+        stream: IOStream,
+        on_overflow: Callable[[], None],
+        write: Callable[[bytes], Future[None]] | None = None,
+    ) -> Outbox:
+        """A bounded outgoing path for a new connection, with this node's limits."""
+        return Outbox(
+            stream,
+            write=write,
+            max_bytes=self.settings.send_buffer_bytes,
+            max_messages=self.settings.send_buffer_messages,
+            metrics=self.metrics,
+            conflatable=self.conflatable,
+            on_overflow=on_overflow,
+        )
+
+    def conflatable(self, pub: Publication) -> bool:
+        """Only a job's `progress` is superseded by a newer one; every other event counts."""
+        return pub.event == "progress" and self.namespaces.of(pub.channel).state
+
     def new_client_id(self) -> str:
         return "c-" + secrets.token_hex(6)
 
@@ -220,6 +249,8 @@ class Node:
         session.send_json(reply)
         for pub in replay:
             session.deliver(pub)
+            if session.pending_bytes > REPLAY_PACE_BYTES:
+                await session.writable()  # live ones wait in the hub meanwhile
         session.advance(channel, Position(reply["epoch"], reply["offset"]))
         if not self.hub.go_live(session, channel, reply["offset"]):
             self.metrics.dropped.labels("recovery_overflow").inc()

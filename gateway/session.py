@@ -64,6 +64,14 @@ class Session(abc.ABC):
     def close(self, code: int, reason: str) -> None:
         """Close the connection with a protocol close code."""
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued for this client and not yet on the wire."""
+        return 0
+
+    async def writable(self) -> None:  # noqa: B027 - transports with a buffer override it
+        """Return once the transport can take more without growing its buffer."""
+
     def overflowed(self) -> None:
         """Too much arrived while it recovered: close so it recovers by offset."""
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer")

@@ -36,5 +36,6 @@ class MetricsHandler(JsonHandler):
         node = self.node
         node.metrics.subscriptions.set(node.hub.subscription_count)
         node.metrics.channels.set(node.hub.channel_count)
+        node.metrics.buffered_bytes.set(sum(s.pending_bytes for s in node.sessions))
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(node.metrics.render())

@@ -25,9 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from asyncio import Future
 from typing import Any
-
-from tornado.iostream import StreamClosedError
 
 from gateway import wire
 from gateway.auth import Claims
@@ -35,6 +34,7 @@ from gateway.broker.base import Publication
 from gateway.channels import validate_channel
 from gateway.errors import CloseCode, ProtocolError
 from gateway.handlers.base import JsonHandler
+from gateway.outbox import Outbox
 from gateway.session import Session
 
 log = logging.getLogger("herald.sse")
@@ -72,7 +72,7 @@ class SseSession(Session):
 
     def write_publication(self, pub: Publication) -> bool:
         eid = event_id(pub.channel, pub.epoch, pub.offset)
-        return self.handler.write_event(sse_frame(pub.json, eid))
+        return self.handler.write_event(sse_frame(pub.json, eid), pub)
 
     def send_json(self, message: dict[str, Any]) -> None:
         eid = None
@@ -83,6 +83,14 @@ class SseSession(Session):
     def close(self, code: int, reason: str) -> None:
         self.handler.end_stream(code, reason)
 
+    @property
+    def pending_bytes(self) -> int:
+        return self.handler.pending_bytes
+
+    async def writable(self) -> None:
+        if self.handler.outbox is not None:
+            await self.handler.outbox.writable()
+
 
 class SseHandler(JsonHandler):
     """One EventSource stream: checks first, then `connected`, subscriptions, live events."""
@@ -92,6 +100,7 @@ class SseHandler(JsonHandler):
         self.session: SseSession | None = None
         self._done = asyncio.Event()
         self._close_code: int | None = None
+        self.outbox: Outbox | None = None
 
     async def get(self) -> None:
         node = self.node
@@ -105,6 +114,9 @@ class SseHandler(JsonHandler):
         self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
         self.write(f"retry: {RETRY_MS}\n\n")
         self.flush()
+        self.outbox = node.outbox(
+            self.request.connection.stream, self._slow_consumer, write=self._write_chunk
+        )
         node.metrics.connects.labels("sse").inc()
         node.metrics.connections.labels("sse").inc()
         session = self.session = SseSession(self, node.new_client_id(), claims)
@@ -197,28 +209,28 @@ class SseHandler(JsonHandler):
 
     # -- writing and closing ----------------------------------------------
 
-    def write_event(self, frame: bytes) -> bool:
-        """Write one event now, or cut a client that stopped reading (bounded buffer)."""
-        if self._done.is_set() or self._finished:
+    def write_event(self, frame: bytes, pub: Publication | None = None) -> bool:
+        """Send one event through the stream's bounded outbox (shared with WebSocket)."""
+        if self._done.is_set() or self._finished or self.outbox is None:
             return False
-        stream = self.request.connection.stream
-        if stream.closed():
-            self._done.set()
-            return False
-        pending = len(stream._write_buffer)  # Tornado has no public accessor
-        if pending + len(frame) > self.node.settings.send_buffer_bytes:
-            self.node.metrics.dropped.labels("slow_consumer").inc()
-            self._close_code = CloseCode.SLOW_CONSUMER
-            self._done.set()
-            stream.close()
-            return False
-        self.write(frame)
-        try:
-            self.flush()
-        except StreamClosedError:
+        if not self.outbox.send(frame, pub):
             self._done.set()
             return False
         return True
+
+    def _write_chunk(self, chunk: bytes) -> Future[None]:
+        self.write(chunk)
+        return self.flush()
+
+    def _slow_consumer(self) -> None:
+        """Past the outbox's bound: cut the stream; the client resumes by Last-Event-ID."""
+        self._close_code = CloseCode.SLOW_CONSUMER
+        self._done.set()
+        self.request.connection.stream.close()
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.outbox.pending_bytes if self.outbox is not None else 0
 
     def end_stream(self, code: int, reason: str) -> None:
         """Close on purpose: tell the client why (a `closed` event), then end the response."""

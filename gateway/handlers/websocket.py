@@ -15,7 +15,6 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketHandler
 
 from gateway import wire
@@ -24,6 +23,7 @@ from gateway.broker.base import Publication
 from gateway.channels import validate_channel
 from gateway.errors import CloseCode, ProtocolError
 from gateway.node import Node, parse_since
+from gateway.outbox import Outbox
 from gateway.ratelimit import AbuseCounter, TokenBucket
 from gateway.session import Session
 
@@ -60,13 +60,21 @@ class WsSession(Session):
         self.handler = handler
 
     def write_publication(self, pub: Publication) -> bool:
-        return self.handler.write_frame(pub.ws_frame)
+        return self.handler.write_frame(pub.ws_frame, pub)
 
     def send_json(self, message: dict[str, Any]) -> None:
         self.handler.write_frame(wire.ws_text_frame(wire.encode(message)))
 
     def close(self, code: int, reason: str) -> None:
         self.handler.close_with(code, reason)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.handler.pending_bytes
+
+    async def writable(self) -> None:
+        if self.handler.outbox is not None:
+            await self.handler.outbox.writable()
 
 
 class GatewayWebSocket(WebSocketHandler):
@@ -82,6 +90,7 @@ class GatewayWebSocket(WebSocketHandler):
         self._timers: list[asyncio.TimerHandle] = []
         self._expiry: asyncio.TimerHandle | None = None
         self._our_close_code: int | None = None
+        self.outbox: Outbox | None = None
 
     # -- handshake --------------------------------------------------------
 
@@ -103,6 +112,11 @@ class GatewayWebSocket(WebSocketHandler):
 
     async def open(self) -> None:
         self.node.metrics.connects.labels("ws").inc()
+        assert self.ws_connection is not None
+        self.outbox = self.node.outbox(
+            self.ws_connection.stream,
+            lambda: self.close_with(CloseCode.SLOW_CONSUMER, "slow consumer"),
+        )
         token = self._handshake_token()
         if token == "":
             self._fail_auth(ProtocolError("unauthorized", "query-string tokens are disabled"))
@@ -270,24 +284,15 @@ class GatewayWebSocket(WebSocketHandler):
 
     # -- writing and closing ----------------------------------------------
 
-    def write_frame(self, frame: bytes) -> bool:
-        """Put one pre-built frame on the wire, or close a client that stopped reading."""
-        conn = self.ws_connection
-        if conn is None or self._our_close_code is not None:
+    def write_frame(self, frame: bytes, pub: Publication | None = None) -> bool:
+        """Send one pre-built frame through the connection's bounded outbox."""
+        if self.outbox is None or self._our_close_code is not None:
             return False
-        stream = conn.stream
-        if stream.closed():
-            return False
-        pending = len(stream._write_buffer)  # Tornado has no public accessor
-        if pending + len(frame) > self.node.settings.send_buffer_bytes:
-            self.node.metrics.dropped.labels("slow_consumer").inc()
-            self.close_with(CloseCode.SLOW_CONSUMER, "slow consumer")
-            return False
-        try:
-            stream.write(frame)
-        except StreamClosedError:
-            return False
-        return True
+        return self.outbox.send(frame, pub)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.outbox.pending_bytes if self.outbox is not None else 0
 
     def close_with(self, code: int, reason: str) -> None:
         if self._our_close_code is None:
