@@ -173,6 +173,29 @@ async def test_lost_history_shows_the_current_state(spawn_gateway, redis_url, pa
     assert await page_offsets(page, "job:lost") == []  # told by state, not by old offsets
 
 
+async def test_reconnect_message_is_obeyed(gateway, page):
+    """A gateway shedding the page (rebalance): `reconnect` with after_ms, close 1012;
+    the page waits what it was told, comes back and misses nothing."""
+    from gateway.demo import stop_worker
+
+    try:
+        await publish(gateway, "job:shed", "progress", {"progress": 10}, owner="demo")
+        await page.goto(f"{gateway.url}/?jobs=shed&{FAST}")
+        await until(page, """document.querySelector('.job[data-job-id="shed"]')
+            ?.dataset.progress === '10'""")
+        assert await gateway.node.shed(1, "rebalance") == 1
+        log = []
+        for n in (20, 30, 40):  # while the page is away or coming back
+            log.append((await publish(gateway, "job:shed", "progress", {"progress": n}))["offset"])
+        await until(page, """document.querySelector('.job[data-job-id="shed"]')
+            .dataset.progress === '40'""")
+        assert await page_offsets(page, "job:shed") == log
+        assert await page.evaluate("window.heraldDemo.client.stats.toldToReconnect") == 1
+        assert "reconnecting" in await page.evaluate("window.heraldDemo.states")
+    finally:
+        await stop_worker(gateway.node)  # started by the page's token request
+
+
 async def test_token_refresh_and_offline(spawn_gateway, page):
     gw = spawn_gateway("gw-refresh", HERALD_DEMO="true")
     # The demo token lives 900 s: refreshing 899 s early makes it happen at once.

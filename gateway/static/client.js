@@ -70,7 +70,7 @@ export class HeraldClient {
     this.user = null;
     this.state = "offline";
     this.transport = null;
-    this.stats = { reconnects: 0, duplicates: 0, gapsFilled: 0, resets: 0, refreshes: 0 };
+    this.stats = { reconnects: 0, duplicates: 0, gapsFilled: 0, resets: 0, refreshes: 0, toldToReconnect: 0 };
     this._channels = new Map();
     this._handlers = new Map();
     this._transportIndex = 0;
@@ -197,9 +197,11 @@ export class HeraldClient {
   _reopen(delay) {
     this._closeConn();
     if (this._stopped) return;
-    if (delay === null) {
-      delay = this._plannedDelay ?? backoffDelay(
-        this._attempt, this.options.backoffInitialMs, this.options.backoffMaxMs);
+    if (delay === null && this._plannedDelay !== null) {
+      delay = this._plannedDelay; // the server's `reconnect.after_ms`, already jittered
+      this.stats.toldToReconnect += 1;
+    } else if (delay === null) {
+      delay = backoffDelay(this._attempt, this.options.backoffInitialMs, this.options.backoffMaxMs);
       this._attempt += 1;
     }
     this._plannedDelay = null;
