@@ -97,6 +97,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
             "nodeSelector": {"pool": "realtime"},
             "podLabels": {"team": "rt"},
+            "service": {"type": "LoadBalancer", "port": 443,
+                        "annotations": {"example.com/lb": "external"}},
             "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                            "whenUnsatisfiable": "ScheduleAnyway",
                                            "labelSelector": {"matchLabels": {"team": "rt"}}}],
@@ -516,6 +518,20 @@ def test_ingress_networkpolicy_servicemonitor_find_the_gateway(
     for rule in one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]:
         for job in re.findall(r'job="([^"]+)"', rule["expr"]):
             assert job == svc["metadata"]["name"], rule["alert"]  # the ServiceMonitor's job
+
+
+def test_load_balancer_service_opens_the_gateway_policy(rendered: dict[str, list[dict]]) -> None:
+    rule = one(rendered["everything-custom"], "NetworkPolicy", "rel-herald-gateway")[
+        "spec"]["ingress"][0]
+    assert "from" not in rule and rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    closed = one(rendered["defaults"], "NetworkPolicy", "rel-herald-gateway")["spec"]["ingress"]
+    assert closed[0]["from"], "a ClusterIP gateway accepts only the listed peers"
+
+
+def test_kube_version_floor(helm: Helm) -> None:
+    done = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.26.5")
+    assert done.returncode != 0
+    assert "chart requires kubeVersion: >=1.27.0-0" in done.stderr
 
 
 def test_ingress_tls_and_websocket_timeouts(rendered: dict[str, list[dict]]) -> None:
