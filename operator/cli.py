@@ -111,16 +111,23 @@ def cmd_run(args: argparse.Namespace) -> None:
         "all namespaces" if args.all_namespaces else ", ".join(namespaces),
         "standalone" if standalone else f"peering {args.peering!r} priority {priority}",
         args.interval)
-    asyncio.run(kopf.operator(
-        registry=registry,
-        settings=handlers.settings(args.watch_timeout, priority, args.all_namespaces),
-        standalone=standalone,
-        peering_name=None if standalone else args.peering,
-        priority=priority,
-        clusterwide=args.all_namespaces,
-        namespaces=[] if args.all_namespaces else namespaces,
-        liveness_endpoint=liveness,
-    ))
+
+    async def operate() -> None:
+        try:
+            await kopf.operator(
+                registry=registry,
+                settings=handlers.settings(args.watch_timeout, priority, args.all_namespaces),
+                standalone=standalone,
+                peering_name=None if standalone else args.peering,
+                priority=priority,
+                clusterwide=args.all_namespaces,
+                namespaces=[] if args.all_namespaces else namespaces,
+                liveness_endpoint=liveness,
+            )
+        finally:
+            await ctx.close()  # after kopf: a timer may still be finishing its pass
+
+    asyncio.run(operate())
 
 
 def main(argv: list[str] | None = None) -> None:

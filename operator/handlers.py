@@ -67,10 +67,6 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
         """The same credentials for kopf's watches as for our own client."""
         return login()
 
-    @kopf.on.cleanup(registry=registry, id="close")
-    async def close(**_: Any) -> None:
-        await ctx.close()
-
     same: dict[str, Any] = {"registry": registry, "backoff": 5, "id": "reconcile"}
 
     @kopf.on.create(GROUP, VERSION, PLURAL, **same)

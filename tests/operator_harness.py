@@ -201,14 +201,21 @@ class OperatorProcess:
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def stop(self) -> int:
+    async def stop(self) -> int | None:
+        """SIGINT and wait, serving the loop: the API server it says goodbye to runs in it."""
         if self.proc.poll() is None:
+            started = time.monotonic()
             self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
+            for _ in range(400):  # up to 20 s
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
                 self.proc.kill()
                 self.proc.wait()
+            if not self._log.closed:
+                self._log.write(f"[harness] stopped in {time.monotonic() - started:.1f}s\n"
+                                .encode())
         self._log.close()
         return self.proc.returncode
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis
 
@@ -81,7 +82,7 @@ async def api():
 
 
 @pytest.fixture
-def operator(api: Api, tmp_path: Path, redis_url: str):
+async def operator(api: Api, tmp_path: Path, redis_url: str):
     started: list[OperatorProcess] = []
 
     def start(*args: str) -> OperatorProcess:
@@ -92,7 +93,7 @@ def operator(api: Api, tmp_path: Path, redis_url: str):
 
     yield start
     for proc in started:
-        proc.stop()
+        await proc.stop()
 
 
 async def test_creating_a_gateway_yields_deployment_service_and_pdb(api, operator):
@@ -243,3 +244,119 @@ def _versions(api: Api, plural: str) -> list[dict[str, Any]]:
 
 async def _pods_are(fleet: FleetController, count: int) -> bool:
     return len(await fleet.pods()) == count
+
+
+async def test_rebalancing_asks_the_fullest_gateways_to_shed_within_the_budget(
+        api, operator, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    control = client.pubsub()
+    control.psubscribe("herald:control:*")
+    proc = operator()
+    await api.post(GATEWAYS, gateway(rebalancing={"enabled": True, "threshold": 0.2,
+                                                  "maxShedPerSecond": 30},
+                                     targetConnectionsPerReplica=1000))
+    async with FleetController(api, "gw") as fleet:
+        await wait_for(lambda: _pods_are(fleet, 2), "2 pods", proc=proc)
+        # A just-added empty gateway next to a full one: gw-0 holds everything.
+        commands: list[tuple[str, dict[str, Any]]] = []
+
+        async def shed_seen():
+            write_node(client, "gw-0", 400)
+            write_node(client, "gw-1", 0)
+            while (message := control.get_message(timeout=0.05)) is not None:
+                if message["type"] == "pmessage":
+                    commands.append((message["channel"].decode(),
+                                     orjson.loads(message["data"])))
+            return len(commands) >= 2
+        await wait_for(shed_seen, "two shed requests", proc=proc)
+    assert {channel for channel, _ in commands} == {"herald:control:gw-0"}
+    for _, command in commands:
+        # 30 connections/s at one pass per second: never more than 30 per request.
+        assert command["cmd"] == "shed" and 0 < command["count"] <= 30
+    assert await wait_for(lambda: events(api, "Rebalancing"), "a Rebalancing event")
+    assert (await _status(api, "lastRebalanceTime"))["lastRebalanceTime"]
+    control.close()
+
+
+async def test_stale_registry_never_scales_down(api, operator, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    proc = operator()
+    await api.post(GATEWAYS, gateway(scaleDown={"stabilizationWindowSeconds": 1, "step": 5}))
+    async with FleetController(api, "gw") as fleet:
+        async def loaded():
+            for pod in await fleet.pods():
+                write_node(client, pod["metadata"]["name"], 200)
+            return await replicas(api) == 6
+        await wait_for(loaded, "6 replicas", proc=proc)
+        # Every gateway stops reporting (Redis lost them): far past the 1 s window,
+        # the operator holds the replicas and says why.
+        client.flushall()
+        status = await wait_for(lambda: _condition(api, "RegistryFresh", "False"),
+                                "RegistryFresh=False", proc=proc)
+        assert "no fresh registry entry" in status["message"]
+        await asyncio.sleep(4)
+        assert await replicas(api) == 6
+        assert len(await fleet.pods()) == 6
+        assert await wait_for(lambda: events(api, "RegistryStale"), "a RegistryStale event")
+        status = await _status(api, "lastDecision")
+        assert "holding" in status["lastDecision"]
+
+
+async def _condition(api: Api, kind: str, value: str) -> dict[str, Any] | None:
+    status = await _status(api, "conditions") or {}
+    for cond in status.get("conditions", []):
+        if cond["type"] == kind and cond["status"] == value:
+            return cond
+    return None
+
+
+async def test_peering_keeps_one_replica_active_and_fails_over(api, tmp_path, redis_url):
+    await api.post(ns_path("kopf.dev/v1", "kopfpeerings"), {
+        "apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "herald"}})
+
+    def start(priority: int) -> OperatorProcess:
+        return OperatorProcess(api, tmp_path, "--peering", "herald", "--priority",
+                               str(priority), "--interval", "1", "--metrics-port", "0",
+                               redis_url=redis_url)
+
+    leader = start(200)
+    standby = None
+    try:
+        def registered(priority: int):
+            async def check():
+                peering = await api.get(ns_path("kopf.dev/v1", "kopfpeerings", "herald"))
+                return any(p.get("priority") == priority
+                           for p in (peering.get("status") or {}).values() if isinstance(p, dict))
+            return check
+        await wait_for(registered(200), "the leader in the peering object", proc=leader)
+        await wait_for(lambda: _logged(leader, "Resuming operations"), "the leader to act",
+                       proc=leader)
+        standby = start(100)  # starts paused, and stays paused: a higher priority is alive
+        await wait_for(registered(100), "the standby in the peering object", proc=standby)
+
+        await api.post(GATEWAYS, gateway())
+        await wait_for(lambda: deployment(api), "the Deployment", proc=leader)
+        await asyncio.sleep(2)  # several timer intervals
+        assert "Handler 'reconcile' succeeded" in leader.log_tail(10**6)
+        assert "reconcile" not in standby.log_tail(10**6)
+        assert "Timer 'tick'" not in standby.log_tail(10**6)
+
+        # The leader leaves: the standby takes over and acts on the next change.
+        await leader.stop()
+        await wait_for(lambda: _logged(standby, "Resuming operations"), "the standby to resume",
+                       timeout=60, proc=standby)
+        await api.patch(gateway_path("gw"), {"spec": {"image": "herald:failover"}})
+
+        async def rolled_out():
+            deploy = await deployment(api)
+            return deploy["spec"]["template"]["spec"]["containers"][0]["image"] == \
+                "herald:failover"
+        await wait_for(rolled_out, "the standby to roll out the change", proc=standby)
+    finally:
+        await leader.stop()
+        if standby is not None:
+            await standby.stop()
+
+
+async def _logged(proc: OperatorProcess, text: str) -> bool:
+    return text in proc.log_tail(10**6)
