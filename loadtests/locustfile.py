@@ -9,6 +9,8 @@ import logging
 import sys
 from typing import Any
 
+import gevent
+import locust.stats
 from herald_load import scenarios, thresholds
 from herald_load.options import ConfigError, add_arguments, config_of
 from herald_load.users import (  # noqa: F401 - Locust collects the user classes from here
@@ -58,4 +60,9 @@ def _check_config(environment: Any, **_: Any) -> None:
 def _verdict(environment: Any, **_: Any) -> None:
     if isinstance(environment.runner, WorkerRunner) or not environment.host:
         return
+    if getattr(environment.parsed_options, "csv_prefix", None):
+        # Locust rewrites the --csv files once a second and not at exit, so the
+        # final second would be missing from them (locustio/locust#1806): let
+        # its writer make one more pass over the final figures.
+        gevent.sleep(locust.stats.CSV_STATS_INTERVAL_SEC + 0.2)
     thresholds.apply(environment, config_of(environment))

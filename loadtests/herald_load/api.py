@@ -14,7 +14,7 @@ import requests
 from gevent.lock import Semaphore
 
 from .options import Config
-from .report import Reporter
+from .report import Reporter, ms_since
 
 _registered: set[tuple[str, str]] = set()
 _session = requests.Session()
@@ -48,8 +48,7 @@ def _register(config: Config, job: str, reporter: Reporter) -> bool:
             failure = f"HTTP {reply.status_code}: {reply.text[:200]}"
     except requests.RequestException as exc:
         failure = f"{type(exc).__name__}: {exc}"
-    reporter.record("POST", "register job", (time.perf_counter() - started) * 1000,
-                    failure=failure)
+    reporter.record("POST", "register job", ms_since(started), failure=failure)
     if failure is None:
         _registered.add(key)
     return failure is None

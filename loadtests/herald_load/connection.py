@@ -22,7 +22,7 @@ import orjson
 import websocket
 from gevent.event import AsyncResult, Event
 
-from .report import WS, Reporter, namespace
+from .report import WS, Reporter, ms_since, namespace
 
 ABNORMAL = 1006  # no close frame: the TCP connection just ended
 IDLE = 4900  # ours, never on the wire: nothing arrived for idle_timeout seconds
@@ -100,7 +100,7 @@ class HeraldConnection:
         if first.get("type") != "connected":
             self._fail_open(ws, started, f"{first.get('code')}: {first.get('message')}")
             return False
-        self._report.record(WS, "connect", _ms(started))
+        self._report.record(WS, "connect", ms_since(started))
         self.connected = first
         self._ws = ws
         ws.settimeout(self._idle_timeout)
@@ -108,7 +108,7 @@ class HeraldConnection:
         return True
 
     def _fail_open(self, ws: websocket.WebSocket, started: float, why: str) -> None:
-        self._report.record(WS, "connect", _ms(started), failure=why)
+        self._report.record(WS, "connect", ms_since(started), failure=why)
         ws.shutdown()
         self.closed_locally = True
         self.close_code = ABNORMAL
@@ -143,9 +143,9 @@ class HeraldConnection:
         try:
             reply = self.request(message)
         except RequestFailed as exc:
-            self._report.record(WS, name, _ms(started), failure=f"{channel}: {exc}")
+            self._report.record(WS, name, ms_since(started), failure=f"{channel}: {exc}")
             return None
-        self._report.record(WS, name, _ms(started))
+        self._report.record(WS, name, ms_since(started))
         return reply
 
     def ping(self) -> None:
@@ -153,9 +153,9 @@ class HeraldConnection:
         try:
             self.request({"type": "ping"})
         except RequestFailed as exc:
-            self._report.record(WS, "ping", _ms(started), failure=str(exc))
+            self._report.record(WS, "ping", ms_since(started), failure=str(exc))
             return
-        self._report.record(WS, "ping", _ms(started))
+        self._report.record(WS, "ping", ms_since(started))
 
     def refresh(self, token: str) -> None:
         """Send a fresh token on the open connection (PROTOCOL.md §2: same `sub`)."""
@@ -163,9 +163,9 @@ class HeraldConnection:
         try:
             self.request({"type": "auth", "token": token})
         except RequestFailed as exc:
-            self._report.record(WS, "refresh token", _ms(started), failure=str(exc))
+            self._report.record(WS, "refresh token", ms_since(started), failure=str(exc))
             return
-        self._report.record(WS, "refresh token", _ms(started))
+        self._report.record(WS, "refresh token", ms_since(started))
 
     def send(self, message: dict[str, Any]) -> None:
         if self._ws is None:
@@ -240,6 +240,3 @@ class HeraldConnection:
             ws.shutdown()
         self.closed.set()
 
-
-def _ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000

@@ -64,6 +64,19 @@ def add_arguments(parser: Any) -> None:
         help="send the token as an Authorization header, or as a first `auth` message "
         "(the browser way)",
     )
+    g.add_argument(
+        "--publish-via", choices=["http", "redis"], default="http",
+        help="publish through the HTTP API, or straight into Redis with Herald's "
+        "RedisPublisher (needs --redis-url and Herald installed)",
+    )
+    g.add_argument(
+        "--redis-url", default="", env_var="HERALD_REDIS_URL", is_secret=True,
+        help="Redis of the deployment, for --publish-via redis (Herald's HERALD_REDIS_URL)",
+    )
+    g.add_argument(
+        "--redis-prefix", default="herald:", env_var="HERALD_REDIS_PREFIX",
+        help="Herald's key prefix in Redis (HERALD_REDIS_PREFIX)",
+    )
     g.add_argument("--prefix", default="lt", help="prefix of the job, channel and user names")
     g.add_argument("--jobs", type=int, default=None, help="number of jobs J (job scenarios)")
     g.add_argument("--rate", type=float, default=None, help="publications/s per channel R")
@@ -117,6 +130,9 @@ class Config:
     token_file: str
     token_ttl: float
     api_key: str
+    publish_via: str
+    redis_url: str
+    redis_prefix: str
     prefix: str
     jobs: int
     rate: float
@@ -188,6 +204,8 @@ def build_config(options: Any, host: str | None) -> Config:
         raise ConfigError("viewers need --jwt-secret (or HERALD_JWT_SECRET) or --token-file")
     if not values["api_key"]:
         raise ConfigError("publishers need --api-key (or HERALD_API_KEY)")
+    if values["publish_via"] == "redis" and not values["redis_url"]:
+        raise ConfigError("--publish-via redis needs --redis-url (or HERALD_REDIS_URL)")
     for name in ("jobs", "publishers"):
         if values[name] < 1:
             raise ConfigError(f"--{name} must be at least 1")

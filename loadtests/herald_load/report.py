@@ -14,7 +14,8 @@ distributed run aggregates on the master. Rows, as `type name: one per ...`:
 - `check duplicate`: an offset received twice (failure);
 - `check epoch reset`: a channel's history was reset under us (failure);
 - `check skipped (slow)`: an offset a slow consumer did not get (expected);
-- `POST publish <ns>`, `POST register job`: HTTP API calls (round trip).
+- `POST publish <ns>`, `POST register job`: HTTP API calls (round trip);
+- `REDIS publish <ns>`, `REDIS start publisher`: direct-Redis publishing.
 
 So "messages received" is the request count of the `deliver` rows, "lost"
 is the request count of `check lost`, and unexpected closes by code are
@@ -23,6 +24,7 @@ the `ws close <code>` rows.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 WS = "ws"
@@ -38,6 +40,11 @@ SKIPPED = "skipped (slow)"
 
 class Failure(Exception):
     """What Locust shows in its failures table for one of our entries."""
+
+
+def ms_since(started: float) -> float:
+    """Milliseconds since a `time.perf_counter()` reading: Locust's unit."""
+    return (time.perf_counter() - started) * 1000
 
 
 def namespace(channel: str) -> str:

@@ -22,7 +22,17 @@ from locust.runners import WorkerRunner
 from .api import api_headers, ensure_jobs
 from .connection import HeraldConnection
 from .options import Config, config_of
-from .report import DUPLICATE, EPOCH_RESET, LOST, SKIPPED, WS, Reporter, namespace
+from .redis_publish import BridgeError, RedisBridge
+from .report import (
+    DUPLICATE,
+    EPOCH_RESET,
+    LOST,
+    SKIPPED,
+    WS,
+    Reporter,
+    ms_since,
+    namespace,
+)
 from .tokens import TokenSource
 from .tracker import OffsetTracker, Verdict
 
@@ -286,7 +296,18 @@ class Publisher(FastHttpUser):
         self.seq = 0
         total = self.config.rate * len(self.targets())
         self._pace = constant_throughput(total / self.config.publishers)
+        self.bridge: RedisBridge | None = None
+        if self.config.publish_via == "redis":
+            started = time.perf_counter()
+            self.bridge = RedisBridge(self.config.redis_url, self.config.redis_prefix)
+            why = self.bridge.ready()
+            self.report.record("REDIS", "start publisher", ms_since(started), failure=why)
         self.prepare()
+
+    def on_stop(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close()
+            self.bridge = None
 
     def wait_time(self) -> float:
         return self._pace(self)
@@ -310,10 +331,18 @@ class Publisher(FastHttpUser):
         body = self.body(channel)
         if self.pad:
             body["data"]["pad"] = self.pad
+        name = f"publish {namespace(channel)}"
         body["data"]["sent_at"] = time.time()
-        self.client.post(
-            "/api/v1/publish", json=body, headers=self.headers, name=f"publish {namespace(channel)}"
-        )
+        if self.bridge is None:
+            self.client.post("/api/v1/publish", json=body, headers=self.headers, name=name)
+            return
+        started = time.perf_counter()
+        try:
+            reply = self.bridge.call({"op": "publish", **body})
+            failure = None if reply.get("ok") else str(reply.get("error"))
+        except BridgeError as exc:
+            failure = str(exc)
+        self.report.record("REDIS", name, ms_since(started), failure=failure)
 
 
 class BroadcastPublisher(Publisher):
@@ -343,3 +372,4 @@ class JobPublisher(Publisher):
             "progress": self.seq % 100,
             "stage": "load-test",
         }
+
