@@ -883,17 +883,25 @@ def resolve_env(container: dict, secrets: dict[str, dict[str, str]]) -> dict[str
             ref = source["secretKeyRef"]
             env[item["name"]] = base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
         else:
-            env[item["name"]] = "gw-chart-0"
+            field = source["fieldRef"]["fieldPath"]
+            env[item["name"]] = {"metadata.name": "gw-chart-0", "status.podIP": "127.0.0.1"}[field]
     return env
 
 
+@pytest.mark.parametrize("made_by", ["operator", "chart"])
 def test_chart_gateway_env_runs_herald_and_helm_test_passes(
-    rendered: dict[str, list[dict]], spawn_gateway: Any, redis_url: str,
+    rendered: dict[str, list[dict]], spawn_gateway: Any, redis_url: str, made_by: str,
 ) -> None:
-    docs = rendered["no-operator"]
+    """The gateway container as deployed (by the operator from the chart's RealtimeGateway,
+    or by the chart itself) starts a real `herald serve` in production mode, and the
+    chart's `helm test` script passes against it."""
+    docs = rendered["defaults" if made_by == "operator" else "no-operator"]
     secrets = {s["metadata"]["name"]: s["data"] for s in objects(docs, "Secret")}
-    container = one(docs, "Deployment", "rel-herald-gateway")["spec"]["template"]["spec"][
-        "containers"][0]
+    deployments = (operator_objects(docs) if made_by == "operator"
+                   else [one(docs, "Deployment", "rel-herald-gateway")])
+    container = next(d for d in deployments if d["kind"] == "Deployment")["spec"][
+        "template"]["spec"]["containers"][0]
+    assert container["command"] == ["herald", "serve"]
     env = resolve_env(container, secrets)
     assert env["HERALD_ENV"] == "production"  # refuses to start without real secrets
     env["HERALD_REDIS_URL"] = redis_url  # the in-cluster Redis, here on loopback
