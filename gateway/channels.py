@@ -64,6 +64,20 @@ def validate_channel(channel: object) -> str:
     return channel
 
 
+def _checked(ns: Namespace) -> Namespace:
+    """A namespace whose options have the right types, so a typo fails at start-up."""
+    if not _CHANNEL_RE.fullmatch(ns.name) or ":" in ns.name:
+        raise ValueError(f"namespace name {ns.name!r} is not valid")
+    size, ttl = ns.history_size, ns.history_ttl
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"{ns.name}: history_size must be an integer >= 0")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
+        raise ValueError(f"{ns.name}: history_ttl must be a number of seconds > 0")
+    if not isinstance(ns.state, bool):
+        raise ValueError(f"{ns.name}: state must be true or false")
+    return ns
+
+
 class Namespaces:
     """The configured namespaces, looked up by a channel's prefix."""
 
@@ -84,7 +98,7 @@ class Namespaces:
                     base = merged.get(name, Namespace(name, Access.CLAIM))
                     if "access" in opts:
                         opts = {**opts, "access": Access(opts["access"])}
-                    merged[name] = replace(base, name=name, **opts)
+                    merged[name] = _checked(replace(base, name=name, **opts))
             except (ValueError, TypeError, AttributeError) as exc:
                 raise ValueError(f"HERALD_NAMESPACES is not valid: {exc}") from None
         return cls(merged.values())

@@ -38,6 +38,22 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true/false")
 
 
+KNOWN_ENVS = frozenset({"development", "dev", "production", "prod"})
+_POSITIVE = (
+    "auth_timeout",
+    "max_frame_bytes",
+    "max_json_depth",
+    "max_subscriptions",
+    "rate_per_second",
+    "rate_burst",
+    "rate_abuse_limit",
+    "max_publish_bytes",
+    "send_buffer_bytes",
+    "send_buffer_messages",
+)
+_NON_NEGATIVE = ("heartbeat", "drain_seconds", "jwt_leeway")
+
+
 @dataclass(frozen=True)
 class Settings:
     """All of Herald's settings. Field name `x_y` is variable `HERALD_X_Y`."""
@@ -74,6 +90,12 @@ class Settings:
     rate_per_second: float = 50.0
     rate_burst: int = 100
     rate_abuse_limit: int = 50
+    # Connection admission: attempts per second per client IP, open connections per user.
+    ip_connect_rate: float = 20.0
+    ip_connect_burst: int = 100
+    max_connections_per_user: int = 100
+    # Seconds a client may take to send its HTTP request headers (slowloris guard).
+    handshake_timeout: float = 10.0
     max_publish_bytes: int = 262144
     # Outgoing buffer per connection: past either bound the client is closed (4008).
     send_buffer_bytes: int = 4 * 1024 * 1024
@@ -83,6 +105,20 @@ class Settings:
     state_dir: str = ""
     demo: bool = True
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        """Refuse values that would fail later, or silently weaken security, at start-up."""
+        if self.env.lower() not in KNOWN_ENVS:
+            # A typo such as `prodution` must not quietly run with generated secrets.
+            raise ConfigError(f"HERALD_ENV={self.env!r}: expected development or production")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"HERALD_PORT={self.port}: expected 0-65535")
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be > 0")
+        for name in _NON_NEGATIVE:
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be >= 0")
 
     @property
     def production(self) -> bool:

@@ -95,6 +95,29 @@ def test_bad_values_name_the_variable(name, value, says):
     assert says in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("HERALD_ENV", "prodution", "expected development or production"),
+        ("HERALD_PORT", "70000", "expected 0-65535"),
+        ("HERALD_MAX_SUBSCRIPTIONS", "0", "must be > 0"),
+        ("HERALD_RATE_PER_SECOND", "-1", "must be > 0"),
+        ("HERALD_AUTH_TIMEOUT", "0", "must be > 0"),
+        ("HERALD_HEARTBEAT", "-5", "must be >= 0"),
+    ],
+)
+def test_out_of_range_values_are_refused(name, value, says):
+    """A typo'd HERALD_ENV or a limit that cannot work -> ConfigError naming the variable."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({name: value})
+    assert name in str(err.value) and says in str(err.value)
+
+
+def test_zero_heartbeat_and_drain_are_allowed():
+    s = Settings.from_env({"HERALD_HEARTBEAT": "0", "HERALD_DRAIN_SECONDS": "0"})
+    assert (s.heartbeat, s.drain_seconds) == (0.0, 0.0)
+
+
 def test_env_file_is_read_and_environment_wins(tmp_path):
     env_file = tmp_path / "herald.env"
     env_file.write_text('# comment\nHERALD_PORT=9100\nHERALD_API_KEY="from-file"\n\nnot a line\n')
@@ -185,6 +208,7 @@ def test_serve_in_production_without_secrets_exits_with_reason(tmp_path):
         ({"HERALD_PORT": "eighty"}, "HERALD_PORT='eighty'"),
         ({"HERALD_NAMESPACES": "{oops"}, "HERALD_NAMESPACES is not valid"),
         ({"HERALD_JWT_ALGORITHMS": "none"}, "must not contain 'none'"),
+        ({"HERALD_ENV": "prodution"}, "expected development or production"),
     ],
 )
 def test_serve_with_bad_setting_exits_with_one_line(tmp_path, extra, says):

@@ -196,8 +196,21 @@ async def test_namespaces_setting_can_tighten_a_builtin(make_gateway, ws_client)
 
 @pytest.mark.parametrize(
     "raw",
-    ["not json", '{"x": {"access": "everyone"}}', '{"x": {"colour": "red"}}', '["x"]'],
-    ids=["invalid-json", "unknown-access", "unknown-option", "not-an-object"],
+    [
+        "not json",
+        '{"x": {"access": "everyone"}}',
+        '{"x": {"colour": "red"}}',
+        '["x"]',
+        '{"x": {"history_size": "5"}}',
+        '{"x": {"history_size": -1}}',
+        '{"x": {"history_ttl": 0}}',
+        '{"x": {"state": "yes"}}',
+        '{"a b": {}}',
+        '{"x": {"name": "y"}}',
+    ],
+    ids=["invalid-json", "unknown-access", "unknown-option", "not-an-object",
+         "size-as-string", "negative-size", "zero-ttl", "state-not-bool", "bad-name",
+         "name-option"],
 )
 def test_bad_namespaces_setting_fails_at_start(raw):
     """A malformed HERALD_NAMESPACES -> ValueError naming the variable, before serving."""
