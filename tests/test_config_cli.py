@@ -85,19 +85,8 @@ def test_node_id_defaults_to_pod_name(monkeypatch):
         ("HERALD_PORT", "eighty", "HERALD_PORT='eighty'"),
         ("HERALD_HEARTBEAT", "fast", "HERALD_HEARTBEAT='fast'"),
         ("HERALD_ALLOW_QUERY_TOKEN", "maybe", "expected true/false"),
-        ("HERALD_MAX_SUBSCRIPTIONS", "1.5", "HERALD_MAX_SUBSCRIPTIONS"),
-    ],
-)
-def test_bad_values_name_the_variable(name, value, says):
-    """A malformed value -> ConfigError naming the variable and its value."""
-    with pytest.raises(ConfigError) as err:
-        Settings.from_env({name: value})
-    assert says in str(err.value)
-
-
-@pytest.mark.parametrize(
-    ("name", "value", "says"),
-    [
+        ("HERALD_MAX_SUBSCRIPTIONS", "1.5", "invalid literal"),
+        # Well-formed but unusable: a typo'd HERALD_ENV, limits that cannot work.
         ("HERALD_ENV", "prodution", "expected development or production"),
         ("HERALD_PORT", "70000", "expected 0-65535"),
         ("HERALD_MAX_SUBSCRIPTIONS", "0", "must be > 0"),
@@ -106,8 +95,8 @@ def test_bad_values_name_the_variable(name, value, says):
         ("HERALD_HEARTBEAT", "-5", "must be >= 0"),
     ],
 )
-def test_out_of_range_values_are_refused(name, value, says):
-    """A typo'd HERALD_ENV or a limit that cannot work -> ConfigError naming the variable."""
+def test_bad_values_name_the_variable(name, value, says):
+    """A malformed or out-of-range value -> ConfigError naming the variable and why."""
     with pytest.raises(ConfigError) as err:
         Settings.from_env({name: value})
     assert name in str(err.value) and says in str(err.value)
