@@ -21,8 +21,10 @@ import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +35,7 @@ import jsonschema
 import kmock
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +46,7 @@ from fetch_helm import fetch_helm  # noqa: E402
 from herald_operator import cli as operator_cli  # noqa: E402
 from herald_operator import manifests  # noqa: E402
 from herald_operator.spec import parse_spec  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 # The chart's floor (Chart.yaml kubeVersion) and the newest schemas bundled.
 KUBE_VERSIONS = ["1.27.0", "1.35.0"]
@@ -867,6 +871,72 @@ def test_dockerfile_multistage_nonroot_one_image() -> None:
         assert (ROOT / path).exists()
     for path in re.findall(r"^COPY (?!--)(\S+)", text, re.M):
         assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
+
+
+# -- the bundled Redis as rendered runs a real redis-server ----------------------------
+
+
+def expand(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in command arguments."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "everything-custom"])
+def test_bundled_redis_config_args_and_probe_work(
+    rendered: dict[str, list[dict]], scenario: str, tmp_path: Path,
+) -> None:
+    """redis.conf, the command line and the readiness probe of the StatefulSet, run for real:
+    Redis demands the password, the probe passes only with it, the URL Herald gets works."""
+    docs = rendered[scenario]
+    conf = one(docs, "ConfigMap", "rel-herald-redis")["data"]["redis.conf"]
+    sts = one(docs, "StatefulSet", "rel-herald-redis")["spec"]["template"]["spec"]
+    container = sts["containers"][0]
+    password = "chartTestPassword0123456789"
+    env = {e["name"]: password for e in container["env"]}  # both come from the Secret
+    port = free_port()
+    (tmp_path / "redis.conf").write_text(
+        conf.replace("dir /data", f"dir {tmp_path}").replace("port 6379", f"port {port}")
+        .replace("bind * -::*", "bind 127.0.0.1"))
+    args = [expand(a, env) for a in container["args"]]
+    assert args[0] == "/etc/redis/redis.conf"
+    args[0] = str(tmp_path / "redis.conf")
+    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", *args],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis(port=port, password=password, socket_timeout=5)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        with pytest.raises(redis.ResponseError):
+            client.execute_command("FLUSHALL")  # disabled by rename-command
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=5).set("k", "v")
+        # The readiness probe, with redis-cli pointed at this port.
+        shim = tmp_path / "bin"
+        shim.mkdir()
+        (shim / "redis-cli").write_text(
+            f"#!/bin/sh\nexec {shutil.which('redis-cli')} -p {port} \"$@\"\n")
+        (shim / "redis-cli").chmod(0o755)
+        probe = container["readinessProbe"]["exec"]["command"]
+        path = f"{shim}:{os.environ['PATH']}"
+        ok = subprocess.run(probe, env={"PATH": path, "REDISCLI_AUTH": password}, check=False)
+        bad = subprocess.run(probe, env={"PATH": path, "REDISCLI_AUTH": "wrong"}, check=False,
+                             capture_output=True)
+        assert (ok.returncode, bad.returncode != 0) == (0, True)
+        if scenario == "defaults":  # the chart-made URL, pointed at this server
+            data = one(docs, "Secret", "rel-herald-redis")["data"]
+            url = base64.b64decode(data["redis-url"]).decode()
+            chart_password = base64.b64decode(data["redis-password"]).decode()
+            assert url.startswith(f"redis://:{chart_password}@")
+            local = url.replace(chart_password, password).replace(
+                "rel-herald-redis.herald.svc:6379", f"127.0.0.1:{port}")
+            assert redis.Redis.from_url(local).ping()
+    finally:
+        server.kill()
+        server.wait()
 
 
 # -- the chart's configuration runs a real gateway, and its helm test passes ------------
