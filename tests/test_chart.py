@@ -34,6 +34,7 @@ import aiohttp
 import jsonschema
 import kmock
 import kubernetes_validate
+import promql_parser
 import pytest
 import redis
 import yaml
@@ -763,6 +764,13 @@ def test_prometheus_rules(rendered: dict[str, list[dict]]) -> None:
     assert 'reason="slow_consumer"' in rules["HeraldSlowConsumers"]["expr"]
     assert "herald_messages_dropped_total" in rules["HeraldSlowConsumers"]["expr"]
     assert "kube_pod_status_ready" in rules["HeraldRedisUnreachable"]["expr"]
+    # Every expression is valid PromQL, and parses the way it reads.
+    for rule in rules.values():
+        promql_parser.parse(rule["expr"])
+    unreachable = promql_parser.parse(rules["HeraldRedisUnreachable"]["expr"])
+    assert str(unreachable.op) == "and" and str(unreachable.rhs.op) == "=="
+    with pytest.raises(ValueError):
+        promql_parser.parse(rules["HeraldSlowConsumers"]["expr"] + " >")
 
 
 # -- bad values ------------------------------------------------------------------------
