@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -873,6 +874,9 @@ def test_dockerfile_multistage_nonroot_one_image() -> None:
     assert "COPY --from=build /opt/herald /opt/herald" in final
     assert not re.search(r"apt-get install|build-essential|gcc", final)
     assert "'.[operator]'" in text  # herald serve and herald-operator in one image
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"herald", "herald-operator"} <= set(scripts)  # the chart's two commands
+    assert 'CMD ["herald", "serve"]' in final
     ignore = (ROOT / ".dockerignore").read_text().split()
     for path in ("pyproject.toml", "README.md", "gateway/", "operator/"):
         assert f"!{path}" in ignore
