@@ -54,7 +54,9 @@ def validate_channel(channel: object) -> str:
     """Return the channel name or raise `bad_request` saying what is wrong."""
     if not isinstance(channel, str) or not channel:
         raise ProtocolError("bad_request", "channel must be a non-empty string")
-    if len(channel.encode()) > MAX_CHANNEL_BYTES:
+    # Length first, counted in characters: any non-ASCII one fails the pattern below,
+    # so for a valid name characters are bytes (and a lone surrogate cannot crash encode()).
+    if len(channel) > MAX_CHANNEL_BYTES:
         raise ProtocolError("bad_request", f"channel longer than {MAX_CHANNEL_BYTES} bytes")
     if not _CHANNEL_RE.fullmatch(channel):
         raise ProtocolError("bad_request", "channel may only contain A-Z a-z 0-9 _ - : . @ =")
