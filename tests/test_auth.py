@@ -349,3 +349,34 @@ async def test_jwks_unreachable_refuses_cleanly(make_gateway, ws_client):
                             jwt_jwks_url=f"http://127.0.0.1:{free_port()}/jwks.json")
     client = await ws_client(gw, signed(rsa_key(), "a"), handshake=False)
     await refused(client, says="unknown key")
+
+
+async def test_jwks_single_key_without_kid(make_gateway, ws_client, jwks):
+    """A provider with one key and tokens without `kid` (some do that) still verifies."""
+    key = rsa_key()
+    jwks.publish(("", key))
+    for entry in jwks.keys:
+        entry.pop("kid")
+    gw = await make_gateway(jwt_secret="", jwt_jwks_url=jwks.url)
+    tok = jwt.encode(claims("alice"), key, algorithm="RS256")
+    client = await ws_client(gw, tok, handshake=False)
+    assert (await client.expect("connected"))["user"] == "alice"
+
+
+async def test_jwks_garbage_document_refuses_cleanly(make_gateway, ws_client, jwks):
+    jwks.keys = [{"kty": "RSA", "kid": "a", "n": "not-base64!", "e": "AQAB"}]
+    gw = await make_gateway(jwt_secret="", jwt_jwks_url=jwks.url)
+    client = await ws_client(gw, signed(rsa_key(), "a"), handshake=False)
+    await refused(client, says="unknown key")
+
+
+async def test_refused_connections_are_counted_by_close_code(gateway, ws_client):
+    client = await ws_client(gateway, token("alice", ttl=-60), handshake=False)
+    await refused(client, "token_expired")
+    registry = gateway.node.metrics.registry
+    for _ in range(100):
+        if registry.get_sample_value("herald_disconnects_total", {"code": "4001"}):
+            break
+        await asyncio.sleep(0.01)
+    assert registry.get_sample_value("herald_disconnects_total", {"code": "4001"}) == 1
+    assert registry.get_sample_value("herald_errors_total", {"code": "token_expired"}) == 1
