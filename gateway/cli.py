@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings, generated = _with_secrets(settings)
     _check(settings)
     configure_logging(settings.log_level)
+    _setup_tracing(settings)
     if generated:
         host = "localhost" if settings.host in {"0.0.0.0", "::"} else settings.host
         path = state_dir(settings)
@@ -71,6 +72,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
         asyncio.run(serve_forever(settings))
     except KeyboardInterrupt:
         pass
+    finally:
+        from gateway import tracing
+
+        tracing.shutdown()  # flush the last spans
+
+
+def _setup_tracing(settings: Settings) -> None:
+    """OpenTelemetry from the standard `OTEL_*` variables (nothing when none is set)."""
+    from gateway import tracing
+
+    try:
+        tracing.setup(settings.node_id)
+    except ConfigError as exc:
+        sys.exit(f"herald: {exc}")
 
 
 def cmd_token(args: argparse.Namespace) -> None:

@@ -7,6 +7,8 @@ import sys
 
 import orjson
 
+from gateway.tracing import TraceLogFilter
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -28,6 +30,8 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    # Records logged inside a span (a traced request) carry its ids.
+    handler.addFilter(TraceLogFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from gateway import publishing
+from gateway import publishing, tracing
 from gateway.auth import Authenticator, Claims
 from gateway.broker import create_broker
 from gateway.broker.base import (
@@ -77,7 +77,10 @@ class Node:
         self.registry = RegistryWriter(self)
 
     def _on_publication(self, pub: Publication) -> None:
-        delivered = self.hub.dispatch(pub)
+        if tracing.enabled:
+            delivered = tracing.deliver(pub, self.hub.dispatch)
+        else:
+            delivered = self.hub.dispatch(pub)
         if delivered:
             self.metrics.messages_out.inc(delivered)
 
@@ -222,7 +225,21 @@ class Node:
         *,
         check: bool = True,
     ) -> None:
-        """Subscribe, reply `subscribed`, replay what was missed, then go live.
+        """Subscribe, reply `subscribed`, replay what was missed, then go live."""
+        if not tracing.enabled:
+            return await self._subscribe(session, channel, since, rid, check)
+        with tracing.subscribe_span(str(channel), session.transport, since is not None):
+            return await self._subscribe(session, channel, since, rid, check)
+
+    async def _subscribe(
+        self,
+        session: Session,
+        channel: str,
+        since: tuple[str, int] | None,
+        rid: str | int | None,
+        check: bool,
+    ) -> None:
+        """The subscribe itself (`subscribe` may wrap it in a span).
 
         The hub buffers live publications from before the history read, and
         `go_live` drops the ones the replay already covered: that is the
@@ -278,6 +295,8 @@ class Node:
             self.metrics.recovered.labels(str(recovered).lower()).inc()
             if recovered:
                 replay = position.publications
+            if tracing.enabled:
+                tracing.recovery(recovered, len(replay))
             else:
                 position = await self._call(self.broker.snapshot(ns, channel))
         else:
@@ -308,7 +327,9 @@ class Node:
         self, req: publishing.PublishRequest, meta: dict[str, str] | None = None
     ) -> Publication:
         started = time.perf_counter()
-        pub = await self._call(publishing.publish(self.broker, self.namespaces, req, meta))
+        pub = await self._call(
+            publishing.publish(self.broker, self.namespaces, req, meta, trace=tracing.enabled)
+        )
         self.metrics.publish_latency.observe(time.perf_counter() - started)
         self.metrics.publications.inc()
         return pub

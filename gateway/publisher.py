@@ -12,6 +12,11 @@ implement `publish` and `register_job`.
 Every failure raises `PublishError` carrying the protocol's error code
 (`forbidden`, `message_too_large`, `unavailable`...), so callers branch on
 codes, not on transport details.
+
+Both publishers start or continue the caller's current OpenTelemetry trace
+(when the application configured an SDK): `HttpPublisher` sends it as a W3C
+`traceparent` header, `RedisPublisher` puts it in the publication's meta.
+Every gateway's delivery of the publication joins that trace.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from gateway import tracing
 
 __all__ = ["HttpPublisher", "PublishError", "Publisher", "RedisPublisher"]
 
@@ -151,19 +158,20 @@ class HttpPublisher(Publisher):
             payload = orjson.dumps(body)
         except TypeError as exc:
             raise PublishError("bad_request", f"data is not JSON-serialisable: {exc}") from None
-        request = HTTPRequest(
-            self._base + path,
-            method="POST",
-            headers=self._headers,
-            body=payload,
-            request_timeout=self._timeout,
-        )
-        try:
-            response = await self._client.fetch(request)
-        except HTTPClientError as exc:
-            raise _error_from(exc) from None
-        except OSError as exc:
-            raise PublishError("unavailable", f"cannot reach Herald: {exc}") from None
+        headers = dict(self._headers)
+        url = self._base + path
+        with tracing.client_span("POST", url, headers) as span:
+            request = HTTPRequest(
+                url, method="POST", headers=headers, body=payload, request_timeout=self._timeout
+            )
+            try:
+                response = await self._client.fetch(request)
+            except HTTPClientError as exc:
+                span.set_attribute("http.response.status_code", exc.code)
+                raise _error_from(exc) from None
+            except OSError as exc:
+                raise PublishError("unavailable", f"cannot reach Herald: {exc}") from None
+            span.set_attribute("http.response.status_code", response.code)
         return orjson.loads(response.body)
 
 
@@ -229,7 +237,7 @@ class RedisPublisher(Publisher):
         body = {"channel": channel, "event": event, "data": data, "owner": owner}
         async with self._errors():
             req = publishing.PublishRequest.parse(body, self._max_bytes)
-            pub = await publishing.publish(self._broker, self._namespaces, req)
+            pub = await publishing.publish(self._broker, self._namespaces, req, trace=True)
         return {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
 
     async def register_job(self, job_id: str, owner: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from gateway import tracing
 from gateway.broker.base import TERMINAL_JOB_EVENTS, Broker, Publication
 from gateway.channels import Namespaces, validate_channel
 from gateway.errors import ProtocolError
@@ -73,8 +74,29 @@ async def publish(
     namespaces: Namespaces,
     req: PublishRequest,
     meta: dict[str, str] | None = None,
+    *,
+    trace: bool = False,
 ) -> Publication:
-    """Publish one request; a terminal job event also notifies `user:{owner}`."""
+    """Publish one request; a terminal job event also notifies `user:{owner}`.
+
+    With `trace`, the publish is a producer span (a child of the caller's
+    current span) whose W3C `traceparent` goes into `meta`, so every
+    gateway's delivery joins the same trace.
+    """
+    if not trace:
+        return await _publish(broker, namespaces, req, meta)
+    with tracing.producer_span(req.channel, req.event) as span:
+        pub = await _publish(broker, namespaces, req, tracing.inject_meta(meta))
+        tracing.published(span, pub)
+        return pub
+
+
+async def _publish(
+    broker: Broker,
+    namespaces: Namespaces,
+    req: PublishRequest,
+    meta: dict[str, str] | None,
+) -> Publication:
     pub = await broker.publish(
         namespaces.of(req.channel), req.channel, req.event, req.data, owner=req.owner, meta=meta
     )

@@ -21,6 +21,8 @@ def position(pub: Publication) -> dict[str, Any]:
 class PublishHandler(JsonHandler):
     """POST /api/v1/publish (API key)."""
 
+    span_route = "/api/v1/publish"
+
     async def post(self) -> None:
         self.require_api_key()
         req = PublishRequest.parse(self.json_body(), self.node.settings.max_publish_bytes)
@@ -30,6 +32,8 @@ class PublishHandler(JsonHandler):
 
 class BroadcastHandler(JsonHandler):
     """POST /api/v1/broadcast (API key): one event to many channels."""
+
+    span_route = "/api/v1/broadcast"
 
     async def post(self) -> None:
         self.require_api_key()

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from tornado.web import RequestHandler
 
-from gateway import wire
+from gateway import tracing, wire
 from gateway.auth import Claims
 from gateway.errors import HTTP_STATUS, ProtocolError
 from gateway.node import Node
@@ -20,9 +20,32 @@ TOKEN_COOKIE = "herald_token"
 
 class JsonHandler(RequestHandler):
     node: Node
+    # Handlers worth a trace (publishing) name their route; the rest make no span.
+    span_route: str | None = None
+    _span: Any = None
+    _span_token: object = None
 
     def initialize(self, node: Node) -> None:
         self.node = node
+
+    def prepare(self) -> None:
+        """Open the request's server span, current until `on_finish`.
+
+        Tornado runs `prepare`, the method and `finish` in one task, so the
+        span is the parent of everything the request does, and the access
+        log line (written by `finish`) carries its trace id.
+        """
+        if tracing.enabled and self.span_route is not None:
+            self._span = tracing.start_server_span(
+                self.request.method or "", self.span_route, self.request.headers
+            )
+            self._span_token = tracing.attach(self._span)
+
+    def on_finish(self) -> None:
+        if self._span is not None:
+            tracing.end_server_span(self._span, self.get_status())
+            tracing.detach(self._span_token)
+            self._span = None
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from tornado.websocket import WebSocketHandler
 
-from gateway import wire
+from gateway import tracing, wire
 from gateway.auth import Claims
 from gateway.broker.base import Publication
 from gateway.channels import validate_channel
@@ -147,7 +147,7 @@ class GatewayWebSocket(WebSocketHandler):
 
     async def _authenticate(self, token: object, rid: str | int | None) -> None:
         try:
-            claims = await self.node.auth.verify(token)
+            claims = await tracing.auth_span(self.node.auth.verify(token), "ws", self.client_id)
         except ProtocolError as exc:
             self._fail_auth(exc, rid)
             return
