@@ -117,7 +117,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 
 # Kinds with no Kubernetes schema: validated another way (see test_every_object_validates).
 CUSTOM_KINDS = {"RealtimeGateway", "KopfPeering", "ClusterKopfPeering",
-                "ServiceMonitor", "PrometheusRule"}
+                "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 # -- helm ---------------------------------------------------------------------
@@ -256,6 +256,9 @@ def test_every_object_validates(rendered: dict[str, list[dict]], scenario: str) 
     for doc in objects(docs, "ServiceMonitor"):
         assert doc["apiVersion"] == "monitoring.coreos.com/v1"
         assert doc["spec"]["endpoints"] and doc["spec"]["selector"]["matchLabels"]
+    for doc in objects(docs, "PodMonitor"):
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert doc["spec"]["podMetricsEndpoints"] and doc["spec"]["selector"]["matchLabels"]
     for doc in objects(docs, "PrometheusRule"):
         for rule in doc["spec"]["groups"][0]["rules"]:
             assert set(rule) >= {"alert", "expr", "labels", "annotations"}, rule
@@ -473,6 +476,21 @@ def test_rbac_namespaced_by_default_and_least_privilege(rendered: dict[str, list
     args = operator_args(docs)
     assert (args.command, args.namespaces, args.all_namespaces) == ("run", [NAMESPACE], False)
     assert args.peering == one(docs, "KopfPeering")["metadata"]["name"]
+
+
+def test_operator_metrics_and_standby_replicas(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["monitoring"]
+    pod = one(docs, "Deployment", "rel-herald-operator")["spec"]["template"]
+    monitor = one(docs, "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    assert not objects(docs, "PodDisruptionBudget")  # one operator replica: nothing to keep
+    ha = rendered["cluster-wide"]
+    pdb = one(ha, "PodDisruptionBudget", "rel-herald-operator")
+    labels = one(ha, "Deployment", "rel-herald-operator")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_rbac_cluster_wide(rendered: dict[str, list[dict]]) -> None:
