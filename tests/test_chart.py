@@ -113,6 +113,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "backend"}}}]},
     },
     "jwks": {"auth": {"jwt": {"jwksUrl": "https://id.example.com/.well-known/jwks.json"}}},
+    "existing-public-key": {"auth": {"jwt": {"existingSecret": "idp-key",
+                                             "existingSecretKey": "tls.pub",
+                                             "existingSecretHolds": "publicKey"}}},
 }
 
 # Kinds with no Kubernetes schema: validated another way (see test_every_object_validates).
@@ -606,6 +609,10 @@ def test_secrets_and_env_wiring(rendered: dict[str, list[dict]]) -> None:
     auth = one(custom, "RealtimeGateway")["spec"]["auth"]
     assert auth["apiKeyRef"] == {"name": "publisher-key", "key": "key"}
     assert auth["jwtPublicKeyRef"]["key"] == "jwt-public-key"
+    idp = one(rendered["existing-public-key"], "RealtimeGateway")["spec"]["auth"]
+    assert idp["jwtPublicKeyRef"] == {"name": "idp-key", "key": "tls.pub"}
+    assert "jwtSecretRef" not in idp
+    assert not objects(rendered["existing-public-key"], "Pod")  # helm test needs HS256
     ext = one(rendered["external-redis-secret"], "RealtimeGateway")["spec"]["redis"]
     assert ext["secretRef"] == {"name": "my-redis", "key": "redis-url"}
     assert not objects(rendered["external-redis-secret"], "StatefulSet")
@@ -815,6 +822,9 @@ BAD_VALUES = [
      "ingress.timeoutSeconds (20) must be longer than gateway.heartbeatSeconds (25)"),
     (["auth.jwt.secret=s", "auth.jwt.jwksUrl=https://id/jwks"],
      "set at most one of auth.jwt.secret, auth.jwt.publicKey and auth.jwt.jwksUrl"),
+    (["auth.jwt.existingSecret=k", "auth.jwt.publicKey=PEM"],
+     "auth.jwt.existingSecret replaces auth.jwt.secret / auth.jwt.publicKey"),
+    (["auth.jwt.existingSecretHolds=cert"], "/auth/jwt/existingSecretHolds"),
     (["redis.password=abc", "redis.existingSecret=x"],
      "set only one of redis.password and redis.existingSecret"),
 ]

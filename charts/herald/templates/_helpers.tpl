@@ -146,7 +146,7 @@ redis-url
 {{- define "herald.jwtMode" -}}
 {{- if .Values.auth.jwt.jwksUrl -}}
 jwks
-{{- else if .Values.auth.jwt.publicKey -}}
+{{- else if or .Values.auth.jwt.publicKey (and .Values.auth.jwt.existingSecret (eq .Values.auth.jwt.existingSecretHolds "publicKey")) -}}
 publicKey
 {{- else -}}
 secret
