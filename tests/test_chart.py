@@ -95,7 +95,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                     "algorithms": ["ES256"], "audience": "herald", "issuer": "https://id.example"},
             "apiKey": {"existingSecret": "publisher-key", "existingSecretKey": "key"},
         },
-        "otel": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4317",
+        "otel": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4318",
                  "OTEL_TRACES_SAMPLER_ARG": 0.1},
         "gateway": {
             "autoscale": False, "replicas": 3, "env": "development", "demo": True,
@@ -775,7 +775,7 @@ def test_otel_passthrough(rendered: dict[str, list[dict]]) -> None:
     gateway_env = env_of(next(d for d in operator_objects(docs) if d["kind"] == "Deployment")[
         "spec"]["template"]["spec"]["containers"][0])
     for env, service in ((operator_env, "herald-operator"), (gateway_env, "herald-gateway")):
-        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
         assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
         assert env["OTEL_SERVICE_NAME"] == service
 
