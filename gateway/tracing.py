@@ -56,6 +56,8 @@ _w3c = TraceContextTextMapPropagator()
 _provider: Any = None
 
 EXPORTERS = ("otlp", "console", "none")
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+            "parentbased_always_off", "parentbased_traceidratio")
 OTLP_PROTOCOL = "http/protobuf"
 
 T = TypeVar("T")
@@ -105,6 +107,25 @@ def _exporter_names(env: Mapping[str, str]) -> list[str]:
     return names
 
 
+def _check_sampler(env: Mapping[str, str]) -> None:
+    """Refuse what the SDK would only warn about: a typo'd 1% sampler must not trace 100%."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not name:
+        return
+    if name not in SAMPLERS:
+        raise ConfigError(
+            f"OTEL_TRACES_SAMPLER: unknown sampler {name!r} (supported: {', '.join(SAMPLERS)})"
+        )
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if name.endswith("traceidratio") and arg:
+        try:
+            ratio = float(arg)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: {arg!r} is not a ratio between 0 and 1")
+
+
 def setup(node_id: str, env: Mapping[str, str] | None = None) -> bool:
     """Install the SDK provider and exporters the `OTEL_*` variables ask for.
 
@@ -113,13 +134,15 @@ def setup(node_id: str, env: Mapping[str, str] | None = None) -> bool:
     (`OTEL_TRACES_SAMPLER[_ARG]`), batching (`OTEL_BSP_*`), resource
     (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`) and OTLP details
     (`OTEL_EXPORTER_OTLP_*`: endpoint, headers, timeout, compression) are
-    read by the SDK itself, so they mean exactly what its documentation says.
+    read by the SDK itself from the process environment, so they mean exactly
+    what its documentation says; `env` only decides whether and what to export.
     """
     global enabled, _provider
     env = os.environ if env is None else env
     if not wanted(env):
         return False
     names = _exporter_names(env)
+    _check_sampler(env)
 
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -147,7 +170,11 @@ def setup(node_id: str, env: Mapping[str, str] | None = None) -> bool:
     trace.set_tracer_provider(provider)
     _provider = provider
     enabled = True
-    log.info("tracing on: exporters %s, sampler %s", ",".join(names), provider.sampler)
+    log.info(
+        "tracing on: exporters %s, sampler %s",
+        ",".join(names),
+        provider.sampler.get_description(),
+    )
     return True
 
 

@@ -317,6 +317,10 @@ async def test_an_exporter_named_none_turns_tracing_off(
         ({"OTEL_TRACES_EXPORTER": "jaeger"}, "unsupported exporter jaeger"),
         ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
          "'grpc' is not supported"),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "traceidratoi"},
+         "unknown sampler 'traceidratoi'"),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "traceidratio",
+          "OTEL_TRACES_SAMPLER_ARG": "1%"}, "'1%' is not a ratio between 0 and 1"),
     ],
 )
 def test_an_exporter_this_build_cannot_serve_stops_serve_with_one_line(
