@@ -14,7 +14,7 @@ import orjson
 
 from gateway import tracing
 from gateway.broker.base import TERMINAL_JOB_EVENTS, Broker, Publication
-from gateway.channels import Namespaces, validate_channel
+from gateway.channels import Access, Namespaces, validate_channel
 from gateway.errors import ProtocolError
 
 EVENT_MAX = 64
@@ -97,8 +97,12 @@ async def _publish(
     req: PublishRequest,
     meta: dict[str, str] | None,
 ) -> Publication:
+    namespace = namespaces.of(req.channel)
+    if req.owner is not None and namespace.access is not Access.OWNER:
+        # Recorded anyway, it would make a later publish with another owner `forbidden`.
+        raise ProtocolError("bad_request", f"owner applies to job channels, not {req.channel}")
     pub = await broker.publish(
-        namespaces.of(req.channel), req.channel, req.event, req.data, owner=req.owner, meta=meta
+        namespace, req.channel, req.event, req.data, owner=req.owner, meta=meta
     )
     if req.channel.startswith("job:"):
         status = job_status(req.event, req.data)

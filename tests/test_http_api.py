@@ -98,6 +98,15 @@ async def test_publish_owner_mismatch_is_403(gateway):
     assert hist["offset"] == 0 and hist["messages"] == []
 
 
+async def test_owner_on_a_channel_without_owners_is_400(gateway):
+    """`owner` on user:/system: channels -> bad_request, and nothing is recorded or published."""
+    for channel in ("system:a", "user:alice"):
+        status, reply = await http(gateway, "POST", PUBLISH,
+                                   {"channel": channel, "owner": "alice"}, api_headers())
+        problem(status, reply, 400, "bad_request", "owner applies to job channels")
+    assert (await publish(gateway, "system:a", "e", 1))["offset"] == 1
+
+
 async def test_publish_same_owner_again_is_fine(gateway):
     await publish(gateway, "job:j2", "p", 1, owner="alice")
     assert (await publish(gateway, "job:j2", "p", 2, owner="alice"))["offset"] == 2
