@@ -91,8 +91,8 @@ class Settings:
     rate_burst: int = 100
     rate_abuse_limit: int = 50
     # Connection admission: attempts per second per client IP, open connections per user.
-    ip_connect_rate: float = 20.0
-    ip_connect_burst: int = 100
+    ip_connect_rate: float = 50.0
+    ip_connect_burst: int = 200
     max_connections_per_user: int = 100
     # Seconds a client may take to send its HTTP request headers (slowloris guard).
     handshake_timeout: float = 10.0

@@ -7,6 +7,8 @@ conventions: `herald_` prefix, `_total` counters, base units (seconds, bytes).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,6 +17,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # `*_created` series double the exposition for no use on dashboards.
 disable_created_metrics()
@@ -88,11 +92,65 @@ class Metrics:
             "Connections closed (4008) because their outgoing buffer passed its bound",
             registry=r,
         )
+        self.refused = Counter(
+            "herald_connections_refused_total",
+            "Connections refused before serving, by reason (ip_rate, user_cap, draining)",
+            ["reason"],
+            registry=r,
+        )
         self.buffered_bytes = Gauge(
             "herald_send_buffer_bytes",
             "Bytes waiting to be written to clients (all connections, at scrape time)",
             registry=r,
         )
 
+        self.delivery_latency = Histogram(
+            "herald_delivery_latency_seconds",
+            "From publication to hand-off to this node's subscribers (queueing included)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.broker_roundtrip = Histogram(
+            "herald_broker_roundtrip_seconds",
+            "Round trip of a PING to the engine (Redis), every registry interval",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.unauthenticated = Gauge(
+            "herald_connections_unauthenticated",
+            "WebSocket connections open but not yet authenticated",
+            registry=r,
+        )
+
+    def bind(self, read: Callable[[], dict[str, float]]) -> None:
+        """Figures read from the node at scrape time (engine state, drain progress)."""
+        self.registry.register(_NodeCollector(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _NodeCollector(Collector):
+    """Values that live on the node and engine, exported without double bookkeeping."""
+
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._read()
+        yield GaugeMetricFamily(
+            "herald_broker_up", "1 while the engine (Redis) is reachable", value=values["up"]
+        )
+        yield CounterMetricFamily(
+            "herald_broker_reconnects",
+            "Times the engine's pub/sub connection was re-established",
+            value=values["reconnects"],
+        )
+        yield CounterMetricFamily(
+            "herald_broker_messages_in",
+            "Publications received from the engine for local subscribers",
+            value=values["messages_in"],
+        )
+        yield GaugeMetricFamily(
+            "herald_draining", "1 while this node drains its connections", value=values["draining"]
+        )

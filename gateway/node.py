@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from gateway import publishing, tracing
+from gateway.admission import IpRateLimiter, UserConnections
 from gateway.auth import Authenticator, Claims
 from gateway.broker import create_broker
 from gateway.broker.base import (
@@ -75,6 +76,9 @@ class Node:
         self.started = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.registry = RegistryWriter(self)
+        self.ip_limiter = IpRateLimiter(settings.ip_connect_rate, settings.ip_connect_burst)
+        self.user_connections = UserConnections(settings.max_connections_per_user)
+        self.metrics.bind(self._scrape)
 
     def _on_publication(self, pub: Publication) -> None:
         if tracing.enabled:
@@ -83,6 +87,15 @@ class Node:
             delivered = self.hub.dispatch(pub)
         if delivered:
             self.metrics.messages_out.inc(delivered)
+        self.metrics.delivery_latency.observe(max(0.0, time.time() - pub.time))
+
+    def _scrape(self) -> dict[str, float]:
+        return {
+            "up": float(self.broker.ready),
+            "reconnects": float(self.broker.reconnects),
+            "messages_in": float(self.broker.messages_in),
+            "draining": float(self.draining),
+        }
 
     def _on_reset(self, channel: str, snap: Snapshot) -> None:
         """The engine lost this channel's history: every subscriber refetches state.
@@ -255,7 +268,7 @@ class Node:
         session.subscriptions.add(channel)
         try:
             await self._call(self.hub.add(session, channel))
-            reply, replay = await self._position(ns, channel, since, session.delivered(channel))
+            reply, replay = await self._position(ns, channel, since)
         except BaseException:
             if not already:
                 session.subscriptions.discard(channel)
@@ -265,9 +278,11 @@ class Node:
             reply["id"] = rid
         session.send_json(reply)
         for pub in replay:
-            session.deliver(pub)
-            if session.pending_bytes > REPLAY_PACE_BYTES:
-                await session.writable()  # live ones wait in the hub meanwhile
+            # A re-subscribe on the same connection skips what it already wrote live.
+            if not session.already_sent(pub):
+                session.write_publication(pub)
+                if session.pending_bytes > REPLAY_PACE_BYTES:
+                    await session.writable()  # live ones wait in the hub meanwhile
         session.advance(channel, Position(reply["epoch"], reply["offset"]))
         if not self.hub.go_live(session, channel, reply["offset"]):
             self.metrics.dropped.labels("recovery_overflow").inc()
@@ -278,25 +293,22 @@ class Node:
         ns: Namespace,
         channel: str,
         since: tuple[str, int] | None,
-        seen: Publication | Position | None,
     ) -> tuple[dict[str, Any], list[Publication]]:
         reply: dict[str, Any] = {"type": "subscribed", "channel": channel}
         replay: list[Publication] = []
         position: History | Snapshot
         if since is not None:
             epoch, offset = since
-            if seen is not None and seen.epoch == epoch:
-                offset = max(offset, seen.offset)  # already sent on this connection
             position = await self._call(
                 self.broker.history(ns, channel, offset, max(ns.history_size, 1))
             )
             recovered = position.epoch == epoch and position.complete
             reply["recovered"] = recovered
             self.metrics.recovered.labels(str(recovered).lower()).inc()
+            if tracing.enabled:
+                tracing.recovery(recovered, len(position.publications) if recovered else 0)
             if recovered:
                 replay = position.publications
-            if tracing.enabled:
-                tracing.recovery(recovered, len(replay))
             else:
                 position = await self._call(self.broker.snapshot(ns, channel))
         else:
@@ -311,9 +323,21 @@ class Node:
         session.subscriptions.discard(channel)
         await self.hub.remove(session, channel)
 
+    def admit(self, session: Session) -> None:
+        """Count a newly authenticated connection, or refuse it past the user's cap."""
+        if not self.user_connections.add(session.claims.sub):
+            self.metrics.refused.labels("user_cap").inc()
+            raise ProtocolError(
+                "rate_limited",
+                f"{session.claims.sub} already has {self.user_connections.cap} connections",
+            )
+        self.sessions.add(session)
+
     async def drop_session(self, session: Session) -> None:
         """Forget a closed connection's subscriptions; a dead broker must not leak them."""
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.user_connections.remove(session.claims.sub)
         for channel in list(session.subscriptions):
             session.subscriptions.discard(channel)
             try:

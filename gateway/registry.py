@@ -61,7 +61,11 @@ class RegistryWriter:
         }
 
     async def write_once(self) -> None:
-        await self.node.broker.write_node(self.node.id, self.record(), self.ttl)
+        broker = self.node.broker
+        started = time.perf_counter()
+        await broker.ping()
+        self.node.metrics.broker_roundtrip.observe(time.perf_counter() - started)
+        await broker.write_node(self.node.id, self.record(), self.ttl)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="herald-registry")

@@ -53,7 +53,7 @@ async def start_gateway(settings: Settings, node: Node | None = None) -> Running
     # Bodies are buffered before any handler (or API-key check) runs: bound them.
     # Up to 8x max_publish_bytes a too-large body gets the JSON 413; beyond, a bare 400.
     server = HTTPServer(
-        app, xheaders=True, idle_connection_timeout=60, body_timeout=30,
+        app, xheaders=True, idle_connection_timeout=settings.handshake_timeout, body_timeout=30,
         max_body_size=settings.max_publish_bytes * 8,
     )
     sockets = bind_sockets(settings.port, settings.host, family=socket.AF_INET, backlog=4096)

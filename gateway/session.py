@@ -24,6 +24,9 @@ class Session(abc.ABC):
         self.claims = claims
         self.subscriptions: set[str] = set()
         self._sent: dict[str, Publication | Position] = {}
+        # Where live delivery of each channel began on this connection: with
+        # `_sent`, the range this connection has already written.
+        self._live_from: dict[str, Position] = {}
         self.last_active = time.monotonic()
 
     def touch(self) -> None:
@@ -37,6 +40,18 @@ class Session(abc.ABC):
     def advance(self, channel: str, position: Position) -> None:
         """The client now holds everything up to `position` (replay or state)."""
         self._sent[channel] = position
+        self._live_from[channel] = position
+
+    def already_sent(self, pub: Publication) -> bool:
+        """Written live on this connection since its (re)subscription went live."""
+        start = self._live_from.get(pub.channel)
+        last = self._sent.get(pub.channel)
+        return (
+            start is not None
+            and last is not None
+            and start.epoch == pub.epoch == last.epoch
+            and start.offset < pub.offset <= last.offset
+        )
 
     def deliver(self, pub: Publication) -> None:
         """Write one publication unless the client already has it.

@@ -48,6 +48,7 @@ def base_settings(**overrides: Any) -> Settings:
         jwt_secret=SECRET,
         api_key=API_KEY,
         heartbeat=25.0,
+        ip_connect_rate=0.0,
     )
     return dataclasses.replace(settings, **overrides)
 
@@ -268,6 +269,9 @@ def gateway_env(**overrides: str) -> dict[str, str]:
         HERALD_API_KEY=API_KEY,
         HERALD_DEMO="false",
         HERALD_LOG_LEVEL="WARNING",
+        # Every test client comes from 127.0.0.1: the per-IP rate would throttle
+        # the suite itself. Its own tests (test_abuse.py) turn it on.
+        HERALD_IP_CONNECT_RATE="0",
     )
     env.update(overrides)
     return env

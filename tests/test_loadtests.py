@@ -63,6 +63,9 @@ def herald(
         "HERALD_STATE_DIR": str(tmp / "state"),
         "HERALD_LOG_LEVEL": "WARNING",
         "HERALD_REDIS_URL": "",
+        # All load comes from 127.0.0.1 as a handful of users: no per-IP or per-user cap.
+        "HERALD_IP_CONNECT_RATE": "0",
+        "HERALD_MAX_CONNECTIONS_PER_USER": "0",
     }
     if ENGINE == "redis":
         redis: RedisProcess = request.getfixturevalue("redis_process")
@@ -244,7 +247,10 @@ def test_redis_mode_without_url_is_a_clear_error(herald: str, tmp_path: Path) ->
 
 
 def test_impossible_p99_fails_the_run(herald: str, tmp_path: Path) -> None:
-    run = locust(herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--check-p99-ms", "0")
+    run = locust(
+        herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--rate", "10",
+        "--check-p99-ms", "0",
+    )
     assert run.returncode == 1, run.output
     assert run.count("deliver", "progress") > 0  # a good run, judged by an impossible bar
     assert "FAIL p99 deliver progress" in run.output
@@ -289,7 +295,8 @@ def test_token_file_instead_of_a_secret(herald: str, tmp_path: Path) -> None:
         + "\n".join(mint_token(SECRET, f"file-{i}", channels=["job:*"]) for i in range(3))
     )
     run = locust(
-        herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--token-file", str(tokens),
+        herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--rate", "10",
+        "--token-file", str(tokens),
         *NO_TIMING, secret=None, users="5",
     )
     assert_clean_delivery(run)

@@ -115,6 +115,7 @@ class Broker(abc.ABC):
         # Publications received by fan-in (from Redis, or locally): the proof
         # that a node only receives what its own clients watch.
         self.messages_in = 0
+        self.reconnects = 0
 
     def set_handlers(
         self,
@@ -143,6 +144,9 @@ class Broker(abc.ABC):
     @property
     def ready(self) -> bool:
         return True
+
+    async def ping(self) -> None:  # noqa: B027 - engines with a server override it
+        """One round trip to the engine's server (measured by the registry loop)."""
 
     @abc.abstractmethod
     async def publish(

@@ -137,7 +137,6 @@ class RedisBroker(Broker):
         self._connected = asyncio.Event()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.reconnects = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -196,6 +195,9 @@ class RedisBroker(Broker):
         return self._connected.is_set()
 
     # -- commands ----------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._cmd(self.client.ping())
 
     async def _cmd(self, awaitable: Any) -> Any:
         try:
@@ -420,7 +422,9 @@ class RedisBroker(Broker):
         """Close the gap of every channel after a reconnect, before going live."""
         count = 0
         for channel in list(self._wanted):
-            position = self._last.get(channel) or self._read_at.pop(channel, None)
+            # (Popped only once the channel is resynchronised: a resync that
+            # fails half-way must start from the same place next time.)
+            position = self._last.get(channel) or self._read_at.get(channel)
             if position is None:
                 continue
             epoch, offset = position
@@ -433,6 +437,7 @@ class RedisBroker(Broker):
                 snap = await self.snapshot(ns, channel)
                 self._last[channel] = (snap.epoch, snap.offset)
                 self._on_reset(channel, snap)
+            self._read_at.pop(channel, None)
             count += 1
         return count
 

@@ -106,9 +106,15 @@ class SseHandler(JsonHandler):
         node = self.node
         if node.draining:
             # Like /ws: refused before the stream, so the client goes elsewhere.
+            node.metrics.refused.labels("draining").inc()
             raise ProtocolError("unavailable", "draining; reconnect to another gateway")
+        if not node.ip_limiter.allow(self.request.remote_ip or ""):
+            node.metrics.refused.labels("ip_rate").inc()
+            raise ProtocolError("rate_limited", "too many connection attempts from this address")
         claims = await self.require_user()
         plan = await self._plan(claims)
+        session = self.session = SseSession(self, node.new_client_id(), claims)
+        node.admit(session)  # past the user's cap: 429 before the stream starts
         # Everything was checked: from here on, problems are events, not statuses.
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
@@ -119,8 +125,6 @@ class SseHandler(JsonHandler):
         )
         node.metrics.connects.labels("sse").inc()
         node.metrics.connections.labels("sse").inc()
-        session = self.session = SseSession(self, node.new_client_id(), claims)
-        node.sessions.add(session)
         try:
             session.send_json(
                 {

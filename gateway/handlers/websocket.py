@@ -91,16 +91,23 @@ class GatewayWebSocket(WebSocketHandler):
         self._expiry: asyncio.TimerHandle | None = None
         self._our_close_code: int | None = None
         self.outbox: Outbox | None = None
+        self._unauthenticated = False
 
     # -- handshake --------------------------------------------------------
 
     def prepare(self) -> None:
-        if self.node.draining:
+        node = self.node
+        if node.draining:
             # Refused before the upgrade: the load balancer retries elsewhere.
-            self.set_status(503)
-            self.finish(
-                {"error": "unavailable", "message": "draining", "timestamp": wire.now_iso()}
-            )
+            node.metrics.refused.labels("draining").inc()
+            self._refuse(503, "unavailable", "draining")
+        elif not node.ip_limiter.allow(self.request.remote_ip or ""):
+            node.metrics.refused.labels("ip_rate").inc()
+            self._refuse(429, "rate_limited", "too many connection attempts from this address")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        self.set_status(status)
+        self.finish({"error": code, "message": message, "timestamp": wire.now_iso()})
 
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(origin, self.request.host, self.node.settings.allowed_origins)
@@ -126,6 +133,8 @@ class GatewayWebSocket(WebSocketHandler):
             return
         loop = asyncio.get_running_loop()
         self._timers.append(loop.call_later(self.node.settings.auth_timeout, self._auth_timed_out))
+        self._unauthenticated = True
+        self.node.metrics.unauthenticated.inc()
 
     def _handshake_token(self) -> str | None:
         header = self.request.headers.get("Authorization", "")
@@ -157,8 +166,15 @@ class GatewayWebSocket(WebSocketHandler):
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        self.session = WsSession(self, self.client_id, claims)
-        self.node.sessions.add(self.session)
+        self._left_unauthenticated()
+        session = WsSession(self, self.client_id, claims)
+        try:
+            self.node.admit(session)
+        except ProtocolError as exc:
+            self._send_error(exc, rid)
+            self.close_with(CloseCode.RATE_LIMIT, "too many connections")
+            return
+        self.session = session
         self.node.metrics.connections.labels("ws").inc()
         self._schedule_expiry(claims)
         connected: dict[str, Any] = {
@@ -299,7 +315,13 @@ class GatewayWebSocket(WebSocketHandler):
             self._our_close_code = code
             self.close(code, reason)
 
+    def _left_unauthenticated(self) -> None:
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self.node.metrics.unauthenticated.dec()
+
     def on_close(self) -> None:
+        self._left_unauthenticated()
         for timer in self._timers:
             timer.cancel()
         if self._expiry is not None:
