@@ -1,0 +1,104 @@
+"""Herald's cluster benchmark: Redis + N gateway processes + a C-accelerated load generator.
+
+    python -m benchmarks.cluster_bench --quick      # small sizes, about a minute
+    python -m benchmarks.cluster_bench              # full sizes, about 10 minutes
+
+Starts its own redis-server on a free loopback port, then for each workload
+(W1 broadcast, W2 job fan-out, W3 idle, two gateways with disjoint
+channels) starts fresh servers pinned to core 0 (`taskset -c 0`) — Herald
+gateways (`python -m gateway serve`), then python-socketio servers — and
+drives both with the same generator (`benchmarks.loadgen`, picows on
+uvloop) and publisher (`benchmarks.publisher`), each in its own process on
+core 1. Prints each step as it goes and a final table with every figure
+for Herald, for python-socketio, and their ratio. A measurement, never a
+test: nothing is asserted and it exits 0 when it ran to the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from benchmarks import report
+from benchmarks.procs import Redis, pin_self_to_client_core
+from benchmarks.rpc import Worker
+from benchmarks.steps import Rig
+from benchmarks.workloads import Bench, Sizes, load_note
+
+WORKLOADS = ("w1", "w2", "w3", "pair")
+SYSTEMS = ("herald", "sio")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+    parser.add_argument("--gateways", type=int, default=1,
+                        help="gateway processes for W1-W3 (default 1; all on core 0)")
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help=f"comma-separated workloads to run (default {','.join(WORKLOADS)})")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="herald, sio or both (default both)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also sample the gateway with py-spy at W1/W2's best rate")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"--only: unknown workloads {sorted(unknown)}")
+    if set(args.systems.split(",")) - set(SYSTEMS):
+        parser.error("--systems: herald and/or sio")
+    if args.gateways < 1:
+        parser.error("--gateways must be >= 1")
+    return args
+
+
+async def run(args: argparse.Namespace) -> dict:
+    pin_self_to_client_core()
+    logdir = Path(tempfile.mkdtemp(prefix="herald-bench-"))
+    sizes = Sizes.quick() if args.quick else Sizes.full()
+    print(f"herald cluster benchmark ({'quick' if args.quick else 'full'}); "
+          f"{os.cpu_count()} cores, {platform.python_version()}, {load_note()}; "
+          f"server logs in {logdir}", flush=True)
+    redis = await asyncio.to_thread(Redis.start)
+    gen = await Worker.start("benchmarks.loadgen", "generator")
+    pub = await Worker.start("benchmarks.publisher", "publisher")
+    bench = Bench(Rig(gen, pub, redis.pid), redis, sizes, logdir, args.gateways,
+                  args.profile)
+    started = time.monotonic()
+    try:
+        for name in args.only.split(","):
+            for system in args.systems.split(","):
+                await getattr(bench, name)(system)
+    finally:
+        await gen.stop()
+        await pub.stop()
+        redis.stop()
+    bench.results["meta"] = {
+        "mode": "quick" if args.quick else "full",
+        "seconds": time.monotonic() - started,
+        "load_after": load_note(),
+        "gateways": args.gateways,
+    }
+    return bench.results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = asyncio.run(run(args))
+    meta = results["meta"]
+    print(f"\nresults ({meta['mode']}, {meta['gateways']} gateway(s) for W1-W3, "
+          f"{meta['seconds']:.0f}s, {meta['load_after']} at the end):")
+    print(report.render(report.build(results)))
+    if args.json:
+        args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+
+
+if __name__ == "__main__":
+    main()
