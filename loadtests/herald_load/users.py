@@ -20,7 +20,7 @@ from locust import FastHttpUser, User, constant, constant_throughput, task
 from locust.runners import WorkerRunner
 
 from .api import api_headers, ensure_jobs
-from .connection import HeraldConnection
+from .connection import IDLE, HeraldConnection
 from .options import Config, config_of
 from .redis_publish import BridgeError, RedisBridge
 from .report import (
@@ -165,8 +165,9 @@ class Viewer(User):
             code = conn.close_code
             asked = conn.reconnect_after is not None
             expected = asked or code in self.expected_closes
+            name = "close idle" if code == IDLE else f"close {code}"
             self.report.record(
-                WS, f"close {code}", failure=None if expected else f"server closed with {code}"
+                WS, name, failure=None if expected else f"connection ended with {code}"
             )
             if conn.reconnect_after is not None:
                 delay = conn.reconnect_after
