@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from gateway.auth import Claims
 from gateway.broker.base import Position, Publication
 from gateway.errors import CloseCode
+from gateway.outbox import Outbox
 
 
 class Session(abc.ABC):
@@ -80,12 +81,21 @@ class Session(abc.ABC):
         """Close the connection with a protocol close code."""
 
     @property
+    def outbox(self) -> Outbox | None:
+        """The connection's bounded outgoing path (None before it is set up)."""
+        return None
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes queued for this client and not yet on the wire."""
-        return 0
+        outbox = self.outbox
+        return outbox.pending_bytes if outbox is not None else 0
 
-    async def writable(self) -> None:  # noqa: B027 - transports with a buffer override it
+    async def writable(self) -> None:
         """Return once the transport can take more without growing its buffer."""
+        outbox = self.outbox
+        if outbox is not None:
+            await outbox.writable()
 
     def overflowed(self) -> None:
         """Too much arrived while it recovered: close so it recovers by offset."""

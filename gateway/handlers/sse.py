@@ -84,12 +84,8 @@ class SseSession(Session):
         self.handler.end_stream(code, reason)
 
     @property
-    def pending_bytes(self) -> int:
-        return self.handler.pending_bytes
-
-    async def writable(self) -> None:
-        if self.handler.outbox is not None:
-            await self.handler.outbox.writable()
+    def outbox(self) -> Outbox | None:
+        return self.handler.outbox
 
 
 class SseHandler(JsonHandler):
@@ -231,10 +227,6 @@ class SseHandler(JsonHandler):
         self._close_code = CloseCode.SLOW_CONSUMER
         self._done.set()
         self.request.connection.stream.close()
-
-    @property
-    def pending_bytes(self) -> int:
-        return self.outbox.pending_bytes if self.outbox is not None else 0
 
     def end_stream(self, code: int, reason: str) -> None:
         """Close on purpose: tell the client why (a `closed` event), then end the response."""

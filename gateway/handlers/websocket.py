@@ -69,12 +69,8 @@ class WsSession(Session):
         self.handler.close_with(code, reason)
 
     @property
-    def pending_bytes(self) -> int:
-        return self.handler.pending_bytes
-
-    async def writable(self) -> None:
-        if self.handler.outbox is not None:
-            await self.handler.outbox.writable()
+    def outbox(self) -> Outbox | None:
+        return self.handler.outbox
 
 
 class GatewayWebSocket(WebSocketHandler):
@@ -305,10 +301,6 @@ class GatewayWebSocket(WebSocketHandler):
         if self.outbox is None or self._our_close_code is not None:
             return False
         return self.outbox.send(frame, pub)
-
-    @property
-    def pending_bytes(self) -> int:
-        return self.outbox.pending_bytes if self.outbox is not None else 0
 
     def close_with(self, code: int, reason: str) -> None:
         if self._our_close_code is None:
