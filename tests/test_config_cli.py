@@ -304,6 +304,9 @@ async def test_herald_serve_end_to_end(tmp_path):
             assert resp.code == 200
             msg = orjson.loads(await asyncio.wait_for(conn.recv(), 10))
             assert (msg["type"], msg["event"], msg["data"]) == ("message", "hello", {"n": 1})
+        # The discouraged query-string token works, and is not written to the access log.
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws?token={tok.strip()}") as conn:
+            assert orjson.loads(await conn.recv())["type"] == "connected"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -316,4 +319,6 @@ async def test_herald_serve_end_to_end(tmp_path):
     assert "DEVELOPMENT mode" in stderr and "herald token --sub" in stderr
     secrets_file = tmp_path / DEV_SECRETS_FILE
     assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    assert "GET /ws?token=[redacted]" in stderr  # the access log saw that request...
+    assert tok.strip() not in stderr  # ...without the token
     assert json.loads(secrets_file.read_text())["api_key"] not in stderr  # no secret in logs
