@@ -380,3 +380,34 @@ async def test_refused_connections_are_counted_by_close_code(gateway, ws_client)
         await asyncio.sleep(0.01)
     assert registry.get_sample_value("herald_disconnects_total", {"code": "4001"}) == 1
     assert registry.get_sample_value("herald_errors_total", {"code": "token_expired"}) == 1
+
+
+async def test_refresh_with_fewer_rights_drops_what_it_no_longer_allows(gateway, ws_client):
+    """A refreshed token without the admin role / channels grant -> each such subscription
+    is dropped with an `error` naming its channel, and stops receiving; the rest stays."""
+    old = token("alice", roles=["admin"], channels=["dashboard:*"])
+    client = await ws_client(gateway, old)
+    for channel in ("admin:metrics", "dashboard:sales", "system:news"):
+        assert (await client.request({"type": "subscribe", "channel": channel}))[
+            "type"] == "subscribed"
+    await client.send({"type": "auth", "token": token("alice"), "id": 8})
+    dropped = [await client.expect("error"), await client.expect("error")]
+    assert sorted(e["channel"] for e in dropped) == ["admin:metrics", "dashboard:sales"]
+    assert all(e["code"] == "forbidden" and "unsubscribed" in e["message"] for e in dropped)
+    assert (await client.expect("authenticated"))["id"] == 8
+    for channel in ("admin:metrics", "dashboard:sales", "system:news"):
+        await publish(gateway, channel, "tick", {})
+    msg = await client.expect("message")
+    assert msg["channel"] == "system:news"  # still allowed to everyone
+    await publish_marker(gateway, "alice")
+    assert (await client.expect("message"))["event"] == "marker"
+
+
+async def test_refresh_with_same_rights_keeps_everything(gateway, ws_client):
+    grants = {"roles": ["admin"], "channels": ["dashboard:*"]}
+    client = await ws_client(gateway, token("alice", **grants))
+    await client.request({"type": "subscribe", "channel": "dashboard:sales"})
+    reply = await client.request({"type": "auth", "token": token("alice", ttl=7200, **grants)})
+    assert reply["type"] == "authenticated"
+    await publish(gateway, "dashboard:sales", "tick", {})
+    assert (await client.expect("message"))["channel"] == "dashboard:sales"

@@ -157,7 +157,7 @@ class GatewayWebSocket(WebSocketHandler):
             self._fail_auth(exc, rid)
             return
         if self.session is not None:
-            self._refresh(claims, rid)
+            await self._refresh(claims, rid)
             return
         for timer in self._timers:
             timer.cancel()
@@ -198,7 +198,7 @@ class GatewayWebSocket(WebSocketHandler):
             # the connection still works, and the client is told why.
             self._send_error(exc, None)
 
-    def _refresh(self, claims: Claims, rid: str | int | None) -> None:
+    async def _refresh(self, claims: Claims, rid: str | int | None) -> None:
         assert self.session is not None
         if claims.sub != self.session.claims.sub:
             self._fail_auth(
@@ -207,10 +207,38 @@ class GatewayWebSocket(WebSocketHandler):
             return
         self.session.claims = claims
         self._schedule_expiry(claims)
+        await self._recheck_subscriptions(claims)
         reply: dict[str, Any] = {"type": "authenticated", "expires": int(claims.exp)}
         if rid is not None:
             reply["id"] = rid
         self.session.send_json(reply)
+
+    async def _recheck_subscriptions(self, claims: Claims) -> None:
+        """A refreshed token may grant less (a role or a channels grant removed).
+
+        Each subscription is authorized again; one the new token no longer
+        allows is dropped and reported as an `error` naming its channel. An
+        engine outage is no reason to drop one, so `unavailable` keeps it.
+        """
+        session = self.session
+        assert session is not None
+        for channel in sorted(session.subscriptions - {f"user:{claims.sub}"}):
+            try:
+                await self.node.authorize(claims, channel)
+            except ProtocolError as exc:
+                if exc.code == "unavailable" or self.session is not session:
+                    continue
+                await self.node.unsubscribe(session, channel)
+                self.node.metrics.errors.labels(exc.code).inc()
+                session.send_json(
+                    {
+                        "type": "error",
+                        "code": exc.code,
+                        "channel": channel,
+                        "message": f"{exc.message}; unsubscribed after the token refresh",
+                        "timestamp": wire.now_iso(),
+                    }
+                )
 
     def _schedule_expiry(self, claims: Claims) -> None:
         if self._expiry is not None:
