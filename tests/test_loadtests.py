@@ -214,10 +214,14 @@ def test_slow_consumers_do_not_cost_normal_viewers_a_message(herald: str, tmp_pa
 def test_soak_mixes_steady_viewers_and_churn(herald: str, tmp_path: Path) -> None:
     run = locust(
         herald, tmp_path, "--scenario", "soak", "--jobs", "2", "--rate", "5",
-        "--churn-interval", "0.5", "--ws-auth", "message", *NO_TIMING, users="21",
+        "--churn-interval", "0.5", "--ws-auth", "message", "--token-ttl", "2",
+        *NO_TIMING, users="21",
     )
     assert_clean_delivery(run)  # authenticated by a first `auth` frame, as browsers do
     assert run.count("ws", "resubscribe job:") > 0
+    # 2-second tokens outlived: renewed in place, never a token_expired close.
+    assert run.count("ws", "refresh token") > 0
+    assert run.row("ws", "error token_expired") is None
 
 
 def test_direct_redis_publisher_feeds_the_gateway(

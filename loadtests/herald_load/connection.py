@@ -11,6 +11,7 @@ message that follows it.
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import struct
 import time
@@ -23,6 +24,8 @@ import websocket
 from gevent.event import AsyncResult, Event
 
 from .report import WS, Reporter, ms_since, namespace
+
+log = logging.getLogger("herald.loadtest")
 
 ABNORMAL = 1006  # no close frame: the TCP connection just ended
 IDLE = 4900  # ours, never on the wire: nothing arrived for idle_timeout seconds
@@ -194,6 +197,10 @@ class HeraldConnection:
             code = IDLE
         except (OSError, websocket.WebSocketException, orjson.JSONDecodeError):
             code = ABNORMAL
+        except Exception as exc:
+            # A bug on our side must not pass for a server close: say so.
+            log.exception("frame handling failed on %s", self.url)
+            self._report.record(WS, "load test error", failure=repr(exc))
         finally:
             self._ended(code)
 

@@ -35,18 +35,19 @@ class TokenSource:
                 raise ConfigError(f"--token-file {path} holds no token")
             self._file_tokens = itertools.cycle(tokens)
 
-    @property
-    def refreshable(self) -> bool:
-        """Minted tokens can be renewed before they expire; file tokens cannot."""
-        return self._file_tokens is None
+    def token(self, sub: str, channels: list[str] | None = None) -> tuple[str, float | None]:
+        """A token for `sub` and when to renew it (unix time; None: it cannot be renewed).
 
-    def token(self, sub: str, channels: list[str] | None = None) -> str:
+        Renewal is due at 80 % of the token's life, counted from the whole
+        seconds JWT uses, so a short --token-ttl still renews in time.
+        """
         if self._file_tokens is not None:
             with self._lock:
-                return next(self._file_tokens)
-        now = int(time.time())
-        ttl = int(self._config.token_ttl)
-        claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + ttl}
+                return next(self._file_tokens), None
+        now = time.time()
+        exp = int(now + self._config.token_ttl)
+        claims: dict[str, object] = {"sub": sub, "iat": int(now), "exp": exp}
         if channels:
             claims["channels"] = channels
-        return jwt.encode(claims, self._config.jwt_secret, algorithm="HS256")
+        token = jwt.encode(claims, self._config.jwt_secret, algorithm="HS256")
+        return token, now + (exp - now) * 0.8
