@@ -321,6 +321,7 @@ class Node:
 
     async def unsubscribe(self, session: Session, channel: str) -> None:
         session.subscriptions.discard(channel)
+        session.forget(channel)
         await self.hub.remove(session, channel)
 
     def admit(self, session: Session) -> None:

@@ -43,6 +43,12 @@ class Session(abc.ABC):
         self._sent[channel] = position
         self._live_from[channel] = position
 
+    def forget(self, channel: str) -> None:
+        """Unsubscribed: what was sent no longer counts (a later `since` is honoured in
+        full), and the memory goes with it, however many channels a client cycles through."""
+        self._sent.pop(channel, None)
+        self._live_from.pop(channel, None)
+
     def already_sent(self, pub: Publication) -> bool:
         """Written live on this connection since its (re)subscription went live."""
         start = self._live_from.get(pub.channel)

@@ -173,3 +173,20 @@ async def test_expired_history_starts_a_new_epoch(make_gateway, ws_client):
     )
     assert sub["recovered"] is False
     assert sub["epoch"] != old["epoch"] and sub["offset"] == 0
+
+
+async def test_since_after_unsubscribe_replays_what_was_asked(gateway, ws_client):
+    """Unsubscribe, then subscribe with an old `since`: every publication after it comes
+    again (the client may have dropped them), in order, once."""
+    client = await ws_client(gateway, token("alice"))
+    sub = await client.request({"type": "subscribe", "channel": "system:again"})
+    for n in range(3):
+        await publish(gateway, "system:again", "n", n)
+    assert await offsets_until(client, 3) == [1, 2, 3]
+    await client.request({"type": "unsubscribe", "channel": "system:again"})
+    since = {"epoch": sub["epoch"], "offset": 1}
+    again = await client.request({"type": "subscribe", "channel": "system:again", "since": since})
+    assert again["recovered"] is True
+    assert await offsets_until(client, 3) == [2, 3]
+    await publish(gateway, "system:again", "n", 3)
+    assert (await client.expect("message"))["offset"] == 4
