@@ -48,3 +48,21 @@ def test_readme_links_resolve():
     assert local
     for link in local:
         assert (ROOT / link).exists(), link
+
+
+def _default_cell(name: str) -> str:
+    row = re.search(rf"^\| `{name}` \| ([^|]*) \|", CONFIGURATION, re.MULTILINE)
+    assert row, name
+    return row.group(1)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [f for f in dataclasses.fields(Settings)
+     if isinstance(f.default, bool | int | float | str) and f.default not in ("", None)],
+    ids=lambda f: f.name,
+)
+def test_documented_defaults_match_the_code(field):
+    value = field.default
+    shown = str(value).lower() if isinstance(value, bool) else str(value)
+    assert f"`{shown}`" in _default_cell(PREFIX + field.name.upper())
