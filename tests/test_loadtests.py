@@ -176,6 +176,7 @@ def test_fanout_delivers_job_progress_to_every_viewer(herald: str, tmp_path: Pat
         users="13",
     )
     assert_clean_delivery(run)
+    assert "deliver" in (tmp_path / "report.html").read_text()  # the HTML report has our rows
     assert run.count("POST", "register job") >= 3
     assert run.count("ws", "subscribe job:") == 12
     # 4 viewers per job, each publication delivered at most once to each of them.
