@@ -19,6 +19,8 @@ from herald_operator.crd import GROUP, PLURAL, VERSION
 from herald_operator.kube import login
 from herald_operator.reconcile import Context, reconcile
 
+log = logging.getLogger("herald.operator")
+
 
 def settings(watch_timeout: float, peering_priority: int | None = None,
              clusterwide: bool = False) -> kopf.OperatorSettings:
@@ -58,6 +60,8 @@ async def run_pass(ctx: Context, body: kopf.Body, patch: kopf.Patch) -> None:
     for key, value in outcome.status.items():
         patch.status[key] = value
     for kind, reason, message in outcome.events:
+        log.log(logging.WARNING if kind == "Warning" else logging.INFO,
+                "%s/%s %s: %s", *labels, reason, message)
         kopf.event(body, type=kind, reason=reason, message=message)
 
 

@@ -283,7 +283,7 @@ async def _rebalance(ctx: Context, spec: GatewaySpec, name: str, namespace: str,
         return
     budget = max(1, int(spec.max_shed_per_second * ctx.interval))
     plan = shed_plan([NodeLoad(n.node, n.connections, n.ready, n.draining) for n in nodes],
-                     spec.rebalance_threshold, budget)
+                     spec.rebalance_threshold, budget, spec.scaling.target_connections // 2)
     if not plan:
         return
     try:

@@ -254,7 +254,7 @@ async def test_rebalancing_asks_the_fullest_gateways_to_shed_within_the_budget(
     proc = operator()
     await api.post(GATEWAYS, gateway(rebalancing={"enabled": True, "threshold": 0.2,
                                                   "maxShedPerSecond": 30},
-                                     targetConnectionsPerReplica=1000))
+                                     targetConnectionsPerReplica=600))
     async with FleetController(api, "gw") as fleet:
         await wait_for(lambda: _pods_are(fleet, 2), "2 pods", proc=proc)
         # A just-added empty gateway next to a full one: gw-0 holds everything.

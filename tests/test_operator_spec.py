@@ -136,6 +136,13 @@ def test_shed_plan(loads, threshold, budget, plan):
     assert shed_plan(nodes, threshold, budget) == plan
 
 
-def test_shed_plan_ignores_draining_and_unready_nodes():
-    nodes = [NodeLoad("a", 300), NodeLoad("b", 0, draining=True), NodeLoad("c", 0, ready=False)]
-    assert shed_plan(nodes, 0.2, 1000) == {}
+def test_shed_plan_waits_while_a_gateway_drains_and_ignores_unready_ones():
+    assert shed_plan([NodeLoad("a", 300), NodeLoad("b", 0, draining=True),
+                      NodeLoad("c", 0)], 0.2, 1000) == {}
+    assert shed_plan([NodeLoad("a", 300), NodeLoad("c", 0, ready=False)], 0.2, 1000) == {}
+
+
+def test_shed_plan_leaves_lightly_loaded_gateways_alone():
+    nodes = [NodeLoad("a", 40), NodeLoad("b", 0), NodeLoad("c", 0)]
+    assert shed_plan(nodes, 0.2, 1000, floor=50) == {}
+    assert shed_plan(nodes, 0.2, 1000, floor=30) == {"a": 10}  # down to the floor, not the mean
