@@ -146,3 +146,16 @@ def test_shed_plan_leaves_lightly_loaded_gateways_alone():
     nodes = [NodeLoad("a", 40), NodeLoad("b", 0), NodeLoad("c", 0)]
     assert shed_plan(nodes, 0.2, 1000, floor=50) == {}
     assert shed_plan(nodes, 0.2, 1000, floor=30) == {"a": 10}  # down to the floor, not the mean
+
+
+def test_every_spec_field_is_documented():
+    doc = (ROOT / "docs/operator.md").read_text()
+
+    def fields(schema, prefix=""):
+        for name, sub in schema.get("properties", {}).items():
+            yield prefix + name
+            if name not in ("podTemplate",) and sub.get("type") == "object":
+                yield from fields(sub, prefix + name + ".")
+
+    missing = [f for f in fields(SPEC_SCHEMA) if f.rsplit(".", 1)[-1] not in doc]
+    assert not missing, f"docs/operator.md does not mention {missing}"
