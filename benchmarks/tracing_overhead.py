@@ -120,7 +120,8 @@ async def run(args: argparse.Namespace, redis_url: str) -> None:
         cpu = statistics.median(r[1] for r in runs)
         print(f"tracing {mode:>4}: {rate:>9,.0f} deliveries/s (median; runs "
               f"{', '.join(f'{r[0]:,.0f}' for r in runs)}), {rate / base:6.1%} of off; "
-              f"gateway CPU {cpu:.2f} us/delivery; delivery spans exported: {spans[mode]}")
+              f"gateway CPU {cpu:.2f} us/delivery (runs {', '.join(f'{r[1]:.1f}' for r in runs)}); "
+              f"delivery spans exported: {spans[mode]}")
 
 
 def main() -> None:
