@@ -22,7 +22,7 @@ from herald_load.users import (  # noqa: F401 - Locust collects the user classes
     SlowViewer,
 )
 from locust import events
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 log = logging.getLogger("herald.loadtest")
 
@@ -36,6 +36,8 @@ def _options(parser: Any) -> None:
 def _select(environment: Any, **_: Any) -> None:
     if isinstance(environment.runner, WorkerRunner):
         return  # the master chooses; workers learn its options at spawn
+    if isinstance(environment.runner, MasterRunner):
+        _stop_workers_before_quitting(environment.runner)
     if not environment.host:
         return  # web UI without --host: checked when the test starts
     try:
@@ -43,6 +45,24 @@ def _select(environment: Any, **_: Any) -> None:
     except ConfigError as exc:
         sys.exit(f"herald loadtest: {exc}")
     log.info("scenario %s: %s", ",".join(names), [c.__name__ for c in environment.user_classes])
+
+
+def _stop_workers_before_quitting(runner: MasterRunner) -> None:
+    """Make a master's quit stop the workers' users first, and wait for them.
+
+    Viewers check, when they stop, that everything published reached them
+    (`--drain-timeout`). A master that quits straight away (the end of a
+    headless run) waits only half a second for its workers' last figures
+    and would judge the run without those checks; stopping first waits
+    until every worker has stopped its users.
+    """
+    quit_now = runner.quit
+
+    def stop_then_quit() -> None:
+        runner.stop()
+        quit_now()
+
+    runner.quit = stop_then_quit  # type: ignore[method-assign]
 
 
 @events.test_start.add_listener

@@ -122,13 +122,18 @@ class Run:
 
 
 def locust(
-    host: str, tmp: Path, *args: str, secret: str | None = SECRET, users: str = "11"
+    host: str,
+    tmp: Path,
+    *args: str,
+    secret: str | None = SECRET,
+    users: str = "11",
+    seconds: str = RUN_SECONDS,
 ) -> Run:
     """Run the locustfile headless; returns exit code, output and the stats CSV rows."""
     prefix = tmp / "run"
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "--host", host, "--api-key", API_KEY, "-u", users, "-r", "100", "-t", RUN_SECONDS,
+        "--host", host, "--api-key", API_KEY, "-u", users, "-r", "100", "-t", seconds,
         "--csv", str(prefix), "--html", str(tmp / "report.html"), "--only-summary",
         "--prefix", f"lt{time.monotonic_ns() % 10**9}",
         *args,
@@ -254,7 +259,7 @@ def test_redis_mode_without_url_is_a_clear_error(herald: str, tmp_path: Path) ->
 def test_impossible_p99_fails_the_run(herald: str, tmp_path: Path) -> None:
     run = locust(
         herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--rate", "10",
-        "--check-p99-ms", "0",
+        "--check-p99-ms", "0", seconds="2s",
     )
     assert run.returncode == 1, run.output
     assert run.count("deliver", "progress") > 0  # a good run, judged by an impossible bar
@@ -265,12 +270,28 @@ def test_impossible_p99_fails_the_run(herald: str, tmp_path: Path) -> None:
 def test_lost_messages_fail_the_run(herald: str, tmp_path: Path) -> None:
     run = locust(
         herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--rate", "10",
-        "--simulate-loss", "4", *NO_TIMING,
+        "--simulate-loss", "4", *NO_TIMING, seconds="2s",
     )
     assert run.returncode == 1, run.output
     lost = run.row("check", "lost")
     assert lost is not None and int(lost["Failure Count"]) == int(lost["Request Count"]) > 0
+    assert "offsets missing before job:" in run.output  # a gap seen in the stream itself
     assert "FAIL lost" in run.output
+
+
+def test_loss_of_the_last_messages_is_caught_at_the_end(herald: str, tmp_path: Path) -> None:
+    """Viewers that drop every message never see a gap: only the drain check at the end
+    (Herald's state vs what arrived) can tell, and on workers the master must wait for it."""
+    run = locust(
+        herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--rate", "10",
+        "--simulate-loss", "1", "--drain-timeout", "1", "--processes", "2", *NO_TIMING,
+        seconds="2s",
+    )
+    assert run.returncode == 1, run.output
+    assert run.count("deliver", "progress") == 0
+    assert run.count("check", "lost") > 0
+    assert run.count("GET", "channel state") == 10  # each viewer read its channel's position
+    assert "not there at the end" in run.output  # the failure says how it was found
 
 
 def test_missing_secret_is_a_clear_error(herald: str, tmp_path: Path) -> None:

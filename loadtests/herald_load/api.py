@@ -1,14 +1,17 @@
-"""The few HTTP API calls viewers need before they subscribe (job registration).
+"""The few HTTP API calls viewers make besides their WebSocket.
 
-A subscribe to a `job:` channel whose owner is not recorded gets
-`not_found`, so every process registers the jobs it is about to watch or
-publish, once. Registration is idempotent for the same owner, which is
-what makes it safe for many workers to do it concurrently.
+- Job registration, before subscribing: a subscribe to a `job:` channel
+  whose owner is not recorded gets `not_found`, so every process registers
+  the jobs it is about to watch or publish, once. Registration is idempotent
+  for the same owner, which makes it safe for many workers at once.
+- A channel's current position, when a viewer stops: what it must still
+  receive before it may say nothing was lost.
 """
 
 from __future__ import annotations
 
 import time
+from urllib.parse import quote
 
 import requests
 from gevent.lock import Semaphore
@@ -52,3 +55,27 @@ def _register(config: Config, job: str, reporter: Reporter) -> bool:
     if failure is None:
         _registered.add(key)
     return failure is None
+
+
+def channel_position(
+    config: Config, token: str, channel: str, reporter: Reporter
+) -> tuple[str, int] | None:
+    """The (epoch, offset) Herald holds for `channel` (the viewer's own JWT), or None."""
+    started = time.perf_counter()
+    failure = None
+    position = None
+    try:
+        reply = requests.get(  # once per viewer, at stop: no pooled connection to hold
+            f"{config.host}/api/v1/channels/{quote(channel, safe=':@=')}/state",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        if reply.status_code == 200:
+            body = reply.json()
+            position = (str(body["epoch"]), int(body["offset"]))
+        else:
+            failure = f"HTTP {reply.status_code}: {reply.text[:200]}"
+    except (requests.RequestException, ValueError, KeyError) as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+    reporter.record("GET", "channel state", ms_since(started), failure=failure)
+    return position

@@ -97,6 +97,10 @@ def add_arguments(parser: Any) -> None:
         help="close and reconnect a WebSocket silent for this long (s)",
     )
     g.add_argument(
+        "--drain-timeout", type=float, default=5.0,
+        help="at the end, how long viewers wait for what was published to arrive (s; 0: off)",
+    )
+    g.add_argument(
         "--simulate-loss", type=int, default=0, metavar="N",
         help="viewers ignore every Nth message: proves the checks catch a loss (self-test)",
     )
@@ -143,6 +147,7 @@ class Config:
     slow_ratio: float
     slow_delay: float
     idle_timeout: float
+    drain_timeout: float
     simulate_loss: int
     check_p99_ms: float
     check_connect_p99_ms: float | None

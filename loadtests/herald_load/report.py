@@ -14,7 +14,8 @@ distributed run aggregates on the master. Rows, as `type name: one per ...`:
 - `check duplicate`: an offset received twice (failure);
 - `check epoch reset`: a channel's history was reset under us (failure);
 - `check skipped (slow)`: an offset a slow consumer did not get (expected);
-- `POST publish <ns>`, `POST register job`: HTTP API calls (round trip);
+- `POST publish <ns>`, `POST register job`, `GET channel state`: HTTP API
+  calls (round trip);
 - `REDIS publish <ns>`, `REDIS start publisher`: direct-Redis publishing.
 
 So "messages received" is the request count of the `deliver` rows, "lost"

@@ -19,7 +19,7 @@ import gevent
 from locust import FastHttpUser, User, constant, constant_throughput, task
 from locust.runners import WorkerRunner
 
-from .api import api_headers, ensure_jobs
+from .api import api_headers, channel_position, ensure_jobs
 from .connection import IDLE, HeraldConnection
 from .options import Config, config_of
 from .redis_publish import BridgeError, RedisBridge
@@ -117,8 +117,8 @@ class Viewer(User):
         conn.ping()
 
     def new_token(self) -> str:
-        token, self.refresh_at = self.tokens.token(self.sub, self.claims_channels())
-        return token
+        self.token, self.refresh_at = self.tokens.token(self.sub, self.claims_channels())
+        return self.token
 
     def refresh_if_due(self, conn: HeraldConnection) -> None:
         """Renew a minted token in place at 80 % of its life, as a real client does."""
@@ -196,9 +196,42 @@ class Viewer(User):
             self.backoff = min(MAX_BACKOFF, max(0.5, self.backoff * 2)) * random.uniform(0.8, 1.2)
 
     def on_stop(self) -> None:
+        conn = self.conn
+        if conn is not None and not conn.closed.is_set() and self.config.drain_timeout > 0:
+            self.drain(conn)
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+    def drain(self, conn: HeraldConnection) -> None:
+        """At the end, wait for what the server has published to arrive, then judge.
+
+        Without this, the loss of a channel's last messages would go unseen
+        (no later offset reveals the gap). Herald's current position of each
+        channel is read over HTTP; every offset up to it must arrive within
+        --drain-timeout, else the missing ones are counted like any gap.
+        """
+        targets = {}
+        for channel in self.watching:
+            position = channel_position(self.config, self.token, channel, self.report)
+            if position is not None:
+                targets[channel] = position
+        deadline = time.monotonic() + self.config.drain_timeout
+        while time.monotonic() < deadline and not conn.closed.is_set():
+            if not any(self._behind(channel, *target) for channel, target in targets.items()):
+                return
+            gevent.sleep(0.05)
+        for channel, (epoch, offset) in targets.items():
+            missing = self._behind(channel, epoch, offset)
+            if missing:
+                self._missed(missing, f"{channel} up to offset {offset}, not there at the end")
+
+    def _behind(self, channel: str, epoch: str, offset: int) -> int:
+        """How many offsets up to `offset` of `epoch` this viewer has not seen yet."""
+        seen = self.tracker.position(channel)
+        if seen is None or seen.epoch != epoch:
+            return 0  # never subscribed, or reset: nothing to hold this stream to
+        return max(0, offset - seen.offset)
 
     # -- frames -----------------------------------------------------------------
 
@@ -234,13 +267,17 @@ class Viewer(User):
         else:
             self.report.delivered(f"{event} (untimed)", 0.0, size)
 
+    def _missed(self, count: int, where: str) -> None:
+        """Offsets this viewer never got: lost, or skipped if it is a slow consumer."""
+        if self.slow:
+            self.report.check(SKIPPED, count, f"{count} offsets {where}", failure=False)
+        else:
+            self.report.check(LOST, count, f"{count} offsets missing {where}")
+
     def _judge(self, verdict: Verdict, count: int, channel: str, offset: int = -1) -> None:
         where = f"{channel} at offset {offset}" if offset >= 0 else f"{channel} on resubscribe"
         if verdict is Verdict.LOST and count > 0:
-            if self.slow:
-                self.report.check(SKIPPED, count, where, failure=False)
-            else:
-                self.report.check(LOST, count, f"{count} offsets missing before {where}")
+            self._missed(count, f"before {where}")
         elif verdict is Verdict.DUPLICATE:
             self.report.check(DUPLICATE, 1, f"offset received twice: {where}")
         elif verdict is Verdict.EPOCH_RESET:
