@@ -64,9 +64,10 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
         return False
     if info.insecure:
         return False
-    ctx = ssl.create_default_context(cafile=os.fspath(info.ca_path) if info.ca_path else None)
-    if info.ca_data:
-        ctx.load_verify_locations(cadata=_pem(info.ca_data).decode())
+    # With the cluster's CA given, trust only it (not the system's CAs).
+    ctx = ssl.create_default_context(
+        cafile=os.fspath(info.ca_path) if info.ca_path else None,
+        cadata=_pem(info.ca_data).decode() if info.ca_data else None)
     cert, key = info.certificate_path, info.private_key_path
     if info.certificate_data or info.private_key_data:
         tmp = tempfile.mkdtemp(prefix="herald-operator-")

@@ -19,7 +19,7 @@ import datetime
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from herald_operator import manifests, metrics
 from herald_operator.kube import Kube, path
@@ -223,7 +223,10 @@ def _decide(spec: GatewaySpec, current: int | None, nodes: list[NodeStats] | Non
     if not spec.autoscale:
         fixed = clamp(spec.replicas if spec.replicas is not None else
                       (current or spec.scaling.min_replicas), spec.scaling)
-        return Decision(fixed, "hold", f"autoscale off: {fixed} replicas (spec.replicas)",
+        direction: Literal["up", "down", "hold"] = "hold"
+        if current is not None and fixed != current:
+            direction = "up" if fixed > current else "down"  # "down" sets deletion costs
+        return Decision(fixed, direction, f"autoscale off: {fixed} replicas (spec.replicas)",
                         None, history)
     if current is None:
         start = spec.scaling.min_replicas

@@ -225,8 +225,10 @@ async def test_registry_load_scales_up_then_down_after_the_window(api, operator,
         kept_costs = [costs[p] for p in pods_left if p in costs]
         assert max(removed_costs) <= min(kept_costs), (fleet.removed, pods_left, costs)
 
-    status = await _status(api, "connections")
+        # status.replicas mirrors what the Deployment has (the scale subresource reads it).
+        status = await wait_for(lambda: _status_is(api, "replicas", 2), "status.replicas == 2")
     assert status["desiredReplicas"] == 2 and status["reportingNodes"] >= 2
+    assert status["connections"] > 0 and status["readyReplicas"] == 2
     assert any(c["type"] == "RegistryFresh" and c["status"] == "True"
                for c in status["conditions"])
     async with aiohttp.ClientSession() as http, \
@@ -360,3 +362,34 @@ async def test_peering_keeps_one_replica_active_and_fails_over(api, tmp_path, re
 
 async def _logged(proc: OperatorProcess, text: str) -> bool:
     return text in proc.log_tail(10**6)
+
+
+async def test_autoscale_off_follows_spec_replicas_within_bounds(api, operator):
+    health = free_port()
+    proc = operator("--health-port", str(health))
+    await api.post(GATEWAYS, gateway(autoscale=False, replicas=3))
+    await wait_for(lambda: _replicas_are(api, 3), "3 replicas", proc=proc)
+    # What `kubectl scale` / an HPA does through the scale subresource: spec.replicas.
+    await api.patch(gateway_path("gw"), {"spec": {"replicas": 9}})
+    await wait_for(lambda: _replicas_are(api, 6), "clamped to maxReplicas", proc=proc)
+    status = await _status(api, "lastDecision")
+    assert "autoscale off" in status["lastDecision"]
+    async with FleetController(api, "gw") as fleet:
+        await wait_for(lambda: _pods_are(fleet, 6), "6 pods", proc=proc)
+        await api.patch(gateway_path("gw"), {"spec": {"replicas": 2}})
+        await wait_for(lambda: _pods_are(fleet, 2), "2 pods", proc=proc)
+        annotated = [p for p in await fleet.pods()
+                     if DELETION_COST in (p["metadata"].get("annotations") or {})]
+        assert annotated, "deletion costs are set before a manual scale-down too"
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{health}/healthz") as rsp:
+        assert rsp.status == 200
+
+
+async def _replicas_are(api: Api, count: int) -> bool:
+    return await replicas(api) == count
+
+
+async def _status_is(api: Api, key: str, value: Any) -> dict[str, Any] | None:
+    status = await _status(api, key)
+    return status if status and status[key] == value else None
