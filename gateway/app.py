@@ -43,8 +43,8 @@ def make_app(node: Node, **overrides: Any) -> Application:
         ]
     return Application(
         routes,
-        websocket_ping_interval=settings.heartbeat,
-        websocket_ping_timeout=settings.heartbeat,
+        # Pings come from the node's one Heartbeat timer (gateway/heartbeat.py).
+        websocket_ping_interval=0,
         websocket_max_message_size=settings.max_frame_bytes,
         xheaders=True,
         **overrides,

@@ -29,6 +29,7 @@ from gateway.broker.base import (
 from gateway.channels import Access, Namespace, Namespaces, claim_allows, validate_channel
 from gateway.config import Settings
 from gateway.errors import CloseCode, ProtocolError
+from gateway.heartbeat import Heartbeat
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox
@@ -76,6 +77,7 @@ class Node:
         self.started = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.registry = RegistryWriter(self)
+        self.heartbeat = Heartbeat(self.sessions, settings.heartbeat)
         self.ip_limiter = IpRateLimiter(settings.ip_connect_rate, settings.ip_connect_burst)
         self.user_connections = UserConnections(settings.max_connections_per_user)
         self.metrics.bind(self._scrape)
@@ -123,8 +125,10 @@ class Node:
         await self.broker.start()
         self.broker.add_control(self.id, self._on_control)
         self.registry.start()
+        self.heartbeat.start()
 
     async def close(self) -> None:
+        await self.heartbeat.stop()
         await self.registry.stop()
         await self.broker.close()
 

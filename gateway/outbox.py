@@ -44,6 +44,8 @@ class Outbox:
         self._stream = stream
         # Raw frames by default (WebSocket); SSE passes its chunked HTTP writer.
         self._write = write or stream.write
+        # Direct socket sends only for raw frames on a plain (non-TLS) stream.
+        self._raw = write is None and type(stream) is IOStream
         self._max_bytes = max_bytes
         self._max_messages = max_messages
         self._metrics = metrics
@@ -67,14 +69,31 @@ class Outbox:
         """Send one frame (of `pub`, if it is a publication); False if the connection is done."""
         if self.closed or self._stream.closed():
             return False
-        if not self._queue and len(self._stream._write_buffer) < SOFT_LIMIT:
+        stream = self._stream
+        if self._queue:
+            return self._enqueue(frame, pub)
+        pending = len(stream._write_buffer)
+        if pending == 0 and self._raw:
+            # Nothing queued anywhere: hand the bytes to the kernel ourselves,
+            # skipping IOStream's per-write Future. Whatever the kernel does
+            # not take goes through IOStream as usual, so order is kept.
             try:
-                self._write(frame)
-            except StreamClosedError:
-                self.closed = True
-                return False
-            return True
-        return self._enqueue(frame, pub)
+                sent = stream.socket.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # let IOStream see the error and close the stream
+            if sent == len(frame):
+                return True
+            frame = frame[sent:]
+        elif pending >= SOFT_LIMIT:
+            return self._enqueue(frame, pub)
+        try:
+            self._write(frame)
+        except StreamClosedError:
+            self.closed = True
+            return False
+        return True
 
     async def writable(self) -> None:
         """Wait until the socket has taken what it was given (paced replays).
