@@ -14,6 +14,7 @@ import time
 from urllib.parse import quote
 
 import requests
+from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 
 from .options import Config
@@ -22,6 +23,8 @@ from .report import Reporter, ms_since
 _registered: set[tuple[str, str]] = set()
 _session = requests.Session()
 _one_at_a_time = Semaphore()  # many viewers start at once: register each job once
+_positions: dict[tuple[str, str], tuple[float, AsyncResult]] = {}
+POSITION_SHARING_SECONDS = 1.0
 
 
 def api_headers(config: Config) -> dict[str, str]:
@@ -60,7 +63,28 @@ def _register(config: Config, job: str, reporter: Reporter) -> bool:
 def channel_position(
     config: Config, token: str, channel: str, reporter: Reporter
 ) -> tuple[str, int] | None:
-    """The (epoch, offset) Herald holds for `channel` (the viewer's own JWT), or None."""
+    """The (epoch, offset) Herald holds for `channel` (the viewer's own JWT), or None.
+
+    All viewers stop at once, K of them per channel: within a second they
+    share one read per process. A read a moment old is still a sound target
+    (everything up to it was published), so sharing costs no correctness.
+    """
+    key = (config.host, channel)
+    shared = _positions.get(key)
+    if shared is not None and time.monotonic() - shared[0] < POSITION_SHARING_SECONDS:
+        return shared[1].get()
+    result: AsyncResult = AsyncResult()
+    _positions[key] = (time.monotonic(), result)
+    position = _read_position(config, token, channel, reporter)
+    result.set(position)
+    if position is None:
+        _positions.pop(key, None)  # the next viewer tries again
+    return position
+
+
+def _read_position(
+    config: Config, token: str, channel: str, reporter: Reporter
+) -> tuple[str, int] | None:
     started = time.perf_counter()
     failure = None
     position = None
