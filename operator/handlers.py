@@ -80,6 +80,12 @@ def register(registry: kopf.OperatorRegistry, ctx: Context) -> None:
         """Roll a new or changed spec out at once, not at the next tick."""
         await run_pass(ctx, body, patch)
 
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="forget")
+    async def forget(event: kopf.RawEvent, **_: Any) -> None:
+        """A deleted resource's lock and remembered status go with it."""
+        if event.get("type") == "DELETED":
+            ctx.forget(event["object"]["metadata"]["uid"])
+
     @kopf.timer(GROUP, VERSION, PLURAL, interval=ctx.interval, registry=registry, id="tick")
     async def tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         """Scale on the registry, rebalance, and put drifted children back."""

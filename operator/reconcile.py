@@ -47,6 +47,11 @@ class Context:
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
 
+    def forget(self, uid: str) -> None:
+        """The resource is gone: drop what was kept for it."""
+        self.locks.pop(uid, None)
+        self.written.pop(uid, None)
+
     async def close(self) -> None:
         await self.registries.close()
         await self.kube.close()

@@ -134,6 +134,16 @@ async def test_creating_a_gateway_yields_deployment_service_and_pdb(api, operato
     created_events = await wait_for(lambda: events(api, "Created"), "Created events")
     assert {e["involvedObject"]["name"] for e in created_events} == {"gw"}
 
+    # Deleting it: kopf's finalizer (it stops the timer first) is released at once; the
+    # garbage collector takes the children by their owner references.
+    assert "herald.io/operator" in (await api.get(gateway_path("gw")))["metadata"]["finalizers"]
+    await api.delete(gateway_path("gw"))
+
+    async def gone() -> bool:
+        return await api.get(gateway_path("gw")) is None
+    await wait_for(gone, "the RealtimeGateway to go", proc=proc)
+    assert "ERROR" not in proc.log_tail(10**6)
+
 
 async def _status(api: Api, key: str, name: str = "gw") -> dict[str, Any] | None:
     body = await api.get(gateway_path(name))
