@@ -173,7 +173,10 @@ def disruption_budget(name: str, namespace: str, uid: str,
 
 
 def drift(desired: Any, actual: Any, where: str = "") -> list[str]:
-    """Paths where `actual` does not contain `desired` (servers add defaults: those are fine)."""
+    """Paths where `actual` does not contain `desired` (servers add defaults: those are fine;
+    they also drop empty maps and lists, so an empty one matches an absent one)."""
+    if desired in ({}, []) and actual is None:
+        return []
     if isinstance(desired, dict):
         if not isinstance(actual, dict):
             return [where or "."]

@@ -114,6 +114,10 @@ def test_drift_ignores_server_defaults_but_not_changes():
     assert manifests.drift(desired, {"spec": {"a": 1, "b": 2, "list": [{"x": 1, "y": 0}]}}) == []
     assert manifests.drift(desired, {"spec": {"a": 2, "list": [{"x": 1}]}}) == [".spec.a"]
     assert manifests.drift(desired, {"spec": {"a": 1, "list": []}}) == [".spec.list"]
+    # An API server drops empty maps: that is not drift (or every pass would patch).
+    assert manifests.drift({"metadata": {"annotations": {}}, "env": []}, {"metadata": {}}) == []
+    assert manifests.drift({"metadata": {"annotations": {"a": "1"}}}, {"metadata": {}}) == \
+        [".metadata.annotations"]
 
 
 def test_deletion_costs_follow_connections():
