@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -89,8 +90,14 @@ async def run(args: argparse.Namespace) -> dict:
     return bench.results
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # Raised inside the event loop: every `finally` runs and kills what the run started.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     results = asyncio.run(run(args))
     meta = results["meta"]
     print(f"\nresults ({meta['mode']}, {meta['gateways']} gateway(s) for W1-W3, "

@@ -8,7 +8,8 @@ see `benchmarks.rpc`).
   instead of one per message, so the publisher is never what limits a run.
   Job owners are registered first with `RedisPublisher.register_job`.
 - `sio`: python-socketio's `AsyncRedisManager(write_only=True).emit(..., room=channel)`,
-  the way a Socket.IO backend publishes from outside the server.
+  the way a Socket.IO backend publishes from outside the server, one emit
+  after the other (in order, as Herald's pipeline is).
 
 Every payload is a ~200-byte progress update carrying `ch` (its channel),
 `seq` (its number in that channel) and `ts` (`time.time()` when sent).
@@ -115,10 +116,15 @@ class SioSink:
         return None
 
     async def send(self, batch: list[tuple[str, int]]) -> int:
-        emits = [self.manager.emit("message", payload(ch, seq), room=ch, namespace="/")
-                 for ch, seq in batch]
-        results = await asyncio.gather(*emits, return_exceptions=True)
-        return sum(1 for r in results if isinstance(r, Exception))
+        # One after the other: emits in parallel take different Redis
+        # connections and may reach Redis out of order (seen as losses).
+        errors = 0
+        for ch, seq in batch:
+            try:
+                await self.manager.emit("message", payload(ch, seq), room=ch, namespace="/")
+            except Exception:
+                errors += 1
+        return errors
 
     async def close(self) -> None:
         if self.manager.redis is not None:

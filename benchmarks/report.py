@@ -40,6 +40,7 @@ def _step_rows(name: str, h: dict[str, Any] | None, s: dict[str, Any] | None,
     rows: list[Row] = []
     for label, fn, fmt, key in (
         ("delivered msgs/s", lambda x: x["delivered_per_s"], ",.0f", "rate"),
+        ("delivered per gateway CPU-second", lambda x: x["per_gateway_cpu_s"], ",.0f", "percpu"),
         ("latency p50 ms", lambda x: x["p50_ms"], ".1f", "p50"),
         ("latency p99 ms", lambda x: x["p99_ms"], ".1f", "p99"),
         ("latency max ms", lambda x: x["max_ms"], ".1f", "max"),
@@ -86,6 +87,7 @@ def build(results: dict[str, dict[str, Any]]) -> list[Row]:
         for label, key, fmt, target in (
             ("connections open", "connections", ",d", ""),
             ("authenticated connects/s", "connects_per_s", ",.0f", ">= 1,200"),
+            ("connects per gateway CPU-second", "per_gateway_cpu_s", ",.0f", ""),
             ("RSS KiB per connection", "kib_per_conn", ".1f", "<= 12"),
         ):
             hv, sv = (h[key] if h else None), (s[key] if s else None)

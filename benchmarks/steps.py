@@ -102,6 +102,9 @@ async def run_step(
         "publish_errors": pub["errors"],
         "publish_rate": pub["achieved_rate"],
         "cpu": cpu_percent(cpu0, cpu1, t1 - t0),
+        # Deliveries per second of gateway CPU: what one core of its own would
+        # carry at this load, a figure the neighbours on a shared machine barely move.
+        "per_gateway_cpu_s": s["received"] / max(gateway_share(cpu1) - gateway_share(cpu0), 1e-9),
         "messages_in": [b - a for a, b in zip(in0, in1, strict=True)],
     }
     step["passed"] = passed(step)
@@ -120,7 +123,9 @@ def describe(step: dict[str, Any]) -> str:
     return (
         f"offered {step['offered_per_s']:>9,.0f}/s delivered {step['delivered_per_s']:>9,.0f}/s "
         f"p50 {step['p50_ms']:7.1f} p99 {step['p99_ms']:7.1f} max {step['max_ms']:7.1f} ms "
-        f"lost {step['lost']} closes {sum(step['closes'].values())} | cpu% gw {gw} "
+        f"lost {step['lost']} closes {sum(step['closes'].values())} "
+        f"(published {step['publish_rate']:,.0f}/s) | "
+        f"{step['per_gateway_cpu_s']:,.0f}/gateway-CPU-s | cpu% gw {gw} "
         f"(waiting for a CPU {gateway_share(cpu, ':wait'):.0f}) "
         f"gen {cpu['generator']:.0f} pub {cpu['publisher']:.0f} redis {cpu['redis']:.0f}"
         f" | in from redis {step['messages_in']}"

@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks import profile
 from benchmarks.procs import SECRET, Cluster, Redis, rss_kib
-from benchmarks.steps import Rig, describe, run_step
+from benchmarks.steps import Rig, cpu_snapshot, describe, gateway_share, run_step
 
 MODES = {"herald": "herald", "sio": "sio"}
 
@@ -39,6 +39,7 @@ class Sizes:
     fixed_s: float = 10.0
     pair_rate: int = 4000
     viewers: int = 5
+    warmup_s: float = 2.0
 
     @classmethod
     def full(cls) -> Sizes:
@@ -48,7 +49,7 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(200, 100, 1000, 20, [5000, 20000, 40000, 60000], step_s=2.0,
-                   fixed_s=3.0, pair_rate=2000)
+                   fixed_s=3.0, pair_rate=2000, warmup_s=1.0)
 
 
 @dataclass
@@ -79,8 +80,13 @@ class Bench:
         self.say(f"  {system}: {opened['opened']} connections in {opened['connect_s']:.1f}s "
                  f"({opened['connects_per_s']:,.0f}/s), {opened['subscriptions']} "
                  f"subscriptions in {opened['subscribe_s']:.1f}s"
+                 + (f" ({opened['subscribe_retries']} retried after an error)"
+                    if opened["subscribe_retries"] else "")
                  + (f"; FAILED {opened['failed']}: {opened['failures']}" if opened["failed"]
-                    else ""))
+                    else "")
+                 + (f"; server errors {opened['errors']}" if opened["errors"] else ""))
+        await self.rig.gen.call("reset")
+        await asyncio.sleep(1)  # let the connect storm's after-effects settle before measuring
         return opened
 
     async def finish(self, cluster: Cluster) -> None:
@@ -90,6 +96,9 @@ class Bench:
     async def stepped(self, system: str, cluster: Cluster, channels: list[str],
                       per_message: int) -> dict[str, Any]:
         """Step the rate up; the best passing step is the workload's figure."""
+        warm = await run_step(self.rig, cluster, channels, self.sizes.rates[0] / per_message,
+                              self.sizes.warmup_s)
+        self.say(f"    warm-up (not counted): {describe(warm)}")
         steps = []
         for rate in self.sizes.rates:
             step = await run_step(self.rig, cluster, channels, rate / per_message,
@@ -165,6 +174,7 @@ class Bench:
             cpu0 = self.rig_cpu(cluster)
             opened = await self.open(system, cluster, conns)
             cpu1 = self.rig_cpu(cluster)
+            gw_cpu_s = gateway_share(cpu1) - gateway_share(cpu0)
             await asyncio.sleep(2)
             after = [rss_kib(pid) for pid in cluster.pids]
             wall = opened["connect_s"]
@@ -172,6 +182,7 @@ class Bench:
                 "connections": opened["opened"],
                 "failed": opened["failed"],
                 "connects_per_s": opened["connects_per_s"],
+                "per_gateway_cpu_s": opened["opened"] / max(gw_cpu_s, 1e-9),
                 "rss_before_kib": before,
                 "rss_after_kib": after,
                 "kib_per_conn": (sum(after) - sum(before)) / max(opened["opened"], 1),
@@ -179,15 +190,14 @@ class Bench:
             }
             self.say(f"    {result['kib_per_conn']:.1f} KiB/connection "
                      f"(RSS {sum(before) / 1024:.0f} -> {sum(after) / 1024:.0f} MiB), "
-                     f"{result['connects_per_s']:,.0f} connects/s; cpu% during connects "
+                     f"{result['connects_per_s']:,.0f} connects/s "
+                     f"({result['per_gateway_cpu_s']:,.0f}/gateway-CPU-s); cpu% during connects "
                      + " ".join(f"{k} {v:.0f}" for k, v in result["cpu"].items()))
         finally:
             await self.finish(cluster)
         self.results.setdefault("W3", {})[system] = result
 
     def rig_cpu(self, cluster: Cluster) -> dict[str, float]:
-        from benchmarks.steps import cpu_snapshot
-
         return cpu_snapshot(self.rig.pids(cluster))
 
     async def pair(self, system: str) -> None:
