@@ -368,6 +368,22 @@ def test_tracker_resume_recovered_keeps_position_unrecovered_counts_loss() -> No
     assert t.resumed("job:1", "e9", 2, recovered=False).verdict is Verdict.EPOCH_RESET
 
 
+def test_refused_upgrade_is_one_failure_row_per_cause() -> None:
+    """A 429 from Herald's per-IP connect limit reads as its code, without dates."""
+    import websocket
+
+    from loadtests.herald_load.connection import refusal
+
+    body = b'{"error": "rate_limited", "message": "too many connection attempts", "timestamp": "t"}'
+    exc = websocket.WebSocketBadStatusException(
+        "Handshake status %d %s -+-+- %s -+-+- %s", 429, "Too Many Requests",
+        {"date": "Sun, 22 Nov 2026 05:54:43 GMT"}, body,
+    )
+    assert refusal(exc) == "HTTP 429 rate_limited: too many connection attempts"
+    html = websocket.WebSocketBadStatusException("%d %s %s %s", 502, "Bad Gateway", {}, b"<html>")
+    assert refusal(html) == "HTTP 502"
+
+
 def test_ws_url_from_host() -> None:
     assert ws_url_from("http://localhost:8080") == "ws://localhost:8080/ws"
     assert ws_url_from("https://rt.example.com/herald/") == "wss://rt.example.com/herald/ws"

@@ -97,6 +97,9 @@ class HeraldConnection:
             if self._auth_mode == "message":
                 ws.send(orjson.dumps({"type": "auth", "token": self._token}).decode())
             first = orjson.loads(ws.recv())
+        except websocket.WebSocketBadStatusException as exc:
+            self._fail_open(ws, started, refusal(exc))
+            return False
         except (OSError, websocket.WebSocketException, orjson.JSONDecodeError) as exc:
             self._fail_open(ws, started, f"{type(exc).__name__}: {exc}")
             return False
@@ -247,3 +250,18 @@ class HeraldConnection:
             ws.shutdown()
         self.closed.set()
 
+
+
+def refusal(exc: websocket.WebSocketBadStatusException) -> str:
+    """`HTTP 429 rate_limited: ...` from a refused upgrade, without its dates.
+
+    Locust groups failures by their text: a message carrying the response's
+    Date header would make one row per second instead of one per cause.
+    """
+    detail = ""
+    try:
+        body = orjson.loads(exc.resp_body or b"")
+        detail = f" {body.get('error')}: {body.get('message')}"
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        pass
+    return f"HTTP {exc.status_code}{detail}"
