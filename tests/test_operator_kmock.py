@@ -174,6 +174,12 @@ async def test_spec_change_rolls_out_and_drift_is_corrected(api, operator):
     await wait_for(rolled_out, "the drift corrected", proc=proc)
     assert await wait_for(lambda: events(api, "Updated"), "an Updated event")
 
+    # Someone deletes the Service: it comes back.
+    await api.delete(ns_path("v1", "services", "gw"))
+    assert await api.get(ns_path("v1", "services", "gw")) is None
+    await wait_for(lambda: api.get(ns_path("v1", "services", "gw")), "the Service back",
+                   proc=proc)
+
 
 async def test_bad_spec_is_reported_not_applied(api, operator):
     proc = operator()
