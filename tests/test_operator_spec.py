@@ -163,3 +163,23 @@ def test_every_spec_field_is_documented():
 
     missing = [f for f in fields(SPEC_SCHEMA) if f.rsplit(".", 1)[-1] not in doc]
     assert not missing, f"docs/operator.md does not mention {missing}"
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    (["run"], {}, "give --namespace NS (or set POD_NAMESPACE) or --all-namespaces"),
+    (["run", "-n", "a", "--all-namespaces"], {}, "not both"),
+    (["run", "-n", "a", "--interval", "0.5"], {}, "--interval must be at least 1 second"),
+    (["run", "-n", "a"], {"HERALD_OPERATOR_INTERVAL": "soon"},
+     "HERALD_OPERATOR_INTERVAL='soon': expected a number"),
+])
+def test_bad_command_lines_are_refused_with_a_message(monkeypatch, argv, env, message):
+    from herald_operator.cli import main
+
+    for name in ("POD_NAMESPACE", "HERALD_OPERATOR_NAMESPACES", "HERALD_OPERATOR_INTERVAL",
+                 "HERALD_OPERATOR_ALL_NAMESPACES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert message in str(exited.value.code)
