@@ -21,6 +21,12 @@ PRESTOP_SECONDS = 5
 GRACE_MARGIN_SECONDS = 10
 MANAGED_BY = "herald-operator"
 
+# Pod-spec fields a resource may set; when its spec drops one, the Deployment must too.
+OPTIONAL_POD_FIELDS = ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints",
+                       "priorityClassName", "serviceAccountName", "imagePullSecrets")
+# Pod-template annotations other tools own (`kubectl rollout restart`): never removed.
+FOREIGN_ANNOTATIONS = ("kubectl.kubernetes.io/",)
+
 DEFAULT_POD_SECURITY = {
     "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
     "seccompProfile": {"type": "RuntimeDefault"},
@@ -122,12 +128,10 @@ def deployment(name: str, namespace: str, uid: str, spec: GatewaySpec,
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
-    for key in ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints",
-                "priorityClassName", "serviceAccountName"):
-        if tpl.get(key):
-            pod_spec[key] = tpl[key]
-    if spec.raw.get("imagePullSecrets"):
-        pod_spec["imagePullSecrets"] = spec.raw["imagePullSecrets"]
+    for key in OPTIONAL_POD_FIELDS:
+        value = spec.raw.get(key) if key == "imagePullSecrets" else tpl.get(key)
+        if value:
+            pod_spec[key] = value
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -192,3 +196,40 @@ def drift(desired: Any, actual: Any, where: str = "") -> list[str]:
             found += drift(d, a, f"{where}[{i}]")
         return found
     return [] if desired == actual else [where]
+
+
+def removals(desired: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-merge-patch fragment (nulls) taking out of a Deployment's pod template what
+    the spec no longer asks for: a merge patch only adds and replaces, never removes."""
+    d_tpl, a_tpl = desired["spec"]["template"], actual.get("spec", {}).get("template", {})
+    d_pod, a_pod = d_tpl["spec"], a_tpl.get("spec") or {}
+    pod: dict[str, Any] = {key: None for key in OPTIONAL_POD_FIELDS
+                           if key in a_pod and key not in d_pod}
+    if "nodeSelector" in d_pod:
+        gone = {k: None for k in a_pod.get("nodeSelector") or {} if k not in d_pod["nodeSelector"]}
+        if gone:
+            pod["nodeSelector"] = gone
+    meta: dict[str, Any] = {}
+    for field in ("labels", "annotations"):
+        wanted = d_tpl["metadata"].get(field) or {}
+        gone = {k: None for k in (a_tpl.get("metadata") or {}).get(field) or {}
+                if k not in wanted and not k.startswith(FOREIGN_ANNOTATIONS)}
+        if gone:
+            meta[field] = gone
+    template: dict[str, Any] = {}
+    if meta:
+        template["metadata"] = meta
+    if pod:
+        template["spec"] = pod
+    return {"spec": {"template": template}} if template else {}
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, recursively (a copy)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -270,6 +270,11 @@ async def _ensure(ctx: Context, out: Outcome, kind: str, url: str,
     if "annotations" in desired["metadata"]:
         wanted["metadata"]["annotations"] = desired["metadata"]["annotations"]
     paths = manifests.drift(wanted, actual)
+    if kind == "Deployment":
+        gone = manifests.removals(desired, actual)
+        if gone:
+            paths.append(".spec.template (fields the spec dropped)")
+            wanted = manifests.merged(wanted, gone)
     if not paths:
         return actual
     patched = await ctx.kube.patch(url, wanted)

@@ -174,6 +174,19 @@ async def test_spec_change_rolls_out_and_drift_is_corrected(api, operator):
     await wait_for(rolled_out, "the drift corrected", proc=proc)
     assert await wait_for(lambda: events(api, "Updated"), "an Updated event")
 
+    # A pod-template override added, then dropped from the spec, leaves the Deployment too.
+    await api.patch(gateway_path("gw"), {"spec": {"podTemplate": {
+        "nodeSelector": {"pool": "edge", "zone": "a"}, "tolerations": [{"key": "edge"}]}}})
+
+    async def pod_spec_has(selector, tolerations):
+        pod = (await deployment(api))["spec"]["template"]["spec"]
+        return pod.get("nodeSelector") == selector and pod.get("tolerations") == tolerations
+    await wait_for(lambda: pod_spec_has({"pool": "edge", "zone": "a"}, [{"key": "edge"}]),
+                   "the node selector and tolerations", proc=proc)
+    await api.patch(gateway_path("gw"), {"spec": {"podTemplate": {
+        "nodeSelector": {"zone": None}, "tolerations": None}}})
+    await wait_for(lambda: pod_spec_has({"pool": "edge"}, None), "them gone", proc=proc)
+
     # Someone deletes the Service: it comes back.
     await api.delete(ns_path("v1", "services", "gw"))
     assert await api.get(ns_path("v1", "services", "gw")) is None

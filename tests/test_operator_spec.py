@@ -183,3 +183,20 @@ def test_bad_command_lines_are_refused_with_a_message(monkeypatch, argv, env, me
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert message in str(exited.value.code)
+
+
+def test_removals_take_out_what_the_spec_dropped_but_not_what_others_own():
+    before = _deploy(podTemplate={"nodeSelector": {"pool": "edge", "zone": "a"},
+                                  "affinity": {"nodeAffinity": {}},
+                                  "annotations": {"team": "x"}})
+    before["spec"]["template"]["metadata"]["annotations"][
+        "kubectl.kubernetes.io/restartedAt"] = "2026-11-22T05:00:00Z"
+    after = _deploy(podTemplate={"nodeSelector": {"pool": "edge"}})
+    assert manifests.removals(after, before) == {"spec": {"template": {
+        "metadata": {"annotations": {"team": None}},
+        "spec": {"affinity": None, "nodeSelector": {"zone": None}},
+    }}}
+    assert manifests.removals(after, after) == {}
+    patch = manifests.merged({"spec": {"template": {"spec": {"nodeSelector": {"pool": "edge"}}}}},
+                             manifests.removals(after, before))
+    assert patch["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "edge", "zone": None}
