@@ -48,6 +48,7 @@ def _step_rows(name: str, h: dict[str, Any] | None, s: dict[str, Any] | None,
         ("gateway CPU %", _gw_cpu, ".0f", "cpu"),
         ("gateway waiting for a CPU %", _gw_wait, ".0f", "wait"),
         ("generator CPU %", lambda x: x["cpu"]["generator"], ".0f", "gen"),
+        ("generator waiting for a CPU %", lambda x: x["cpu"]["generator:wait"], ".0f", "gwait"),
         ("publisher CPU %", lambda x: x["cpu"]["publisher"], ".0f", "pub"),
         ("redis-server CPU %", lambda x: x["cpu"]["redis"], ".0f", "redis"),
     ):

@@ -127,6 +127,7 @@ def describe(step: dict[str, Any]) -> str:
         f"(published {step['publish_rate']:,.0f}/s) | "
         f"{step['per_gateway_cpu_s']:,.0f}/gateway-CPU-s | cpu% gw {gw} "
         f"(waiting for a CPU {gateway_share(cpu, ':wait'):.0f}) "
-        f"gen {cpu['generator']:.0f} pub {cpu['publisher']:.0f} redis {cpu['redis']:.0f}"
+        f"gen {cpu['generator']:.0f} (waiting {cpu['generator:wait']:.0f}) "
+        f"pub {cpu['publisher']:.0f} redis {cpu['redis']:.0f}"
         f" | in from redis {step['messages_in']}"
     )
