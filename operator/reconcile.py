@@ -99,6 +99,13 @@ def _live_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
 
 
+def _ready(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or [])
+
+
 def _history(status: Mapping[str, Any]) -> History:
     out = []
     for item in status.get("recommendations") or []:
@@ -128,7 +135,8 @@ async def reconcile(ctx: Context, body: Mapping[str, Any], now: float) -> Outcom
     pods = _live_pods(await ctx.kube.list(path("v1", "pods", namespace),
                                           manifests.selector_labels(name)))
     pod_names = {p["metadata"]["name"] for p in pods}
-    running = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running")
+    # Pods that should be in the registry: ready ones (a starting or broken pod is not).
+    running = sum(1 for p in pods if _ready(p))
     nodes = await _read_registry(ctx, spec, name, namespace, pod_names, now, conditions, out)
 
     deploy_url = path("apps/v1", "deployments", namespace, name)

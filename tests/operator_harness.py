@@ -305,7 +305,8 @@ class FleetController:
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod_name, "labels": labels},
             "spec": deploy["spec"]["template"]["spec"],
-            "status": {"phase": "Running", "podIP": "127.0.0.1"},
+            "status": {"phase": "Running", "podIP": "127.0.0.1",
+                       "conditions": [{"type": "Ready", "status": "True"}]},
         })
 
     async def _remove(self, pod_name: str) -> None:
