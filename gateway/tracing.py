@@ -36,13 +36,6 @@ from gateway.config import ConfigError
 if TYPE_CHECKING:
     from gateway.broker.base import Publication
 
-__all__ = [
-    "TraceLogFilter",
-    "enabled",
-    "setup",
-    "shutdown",
-]
-
 log = logging.getLogger("herald.tracing")
 
 # The hot paths read this before doing any tracing work at all.
