@@ -50,7 +50,7 @@ async def run_pass(ctx: Context, body: kopf.Body, patch: kopf.Patch) -> None:
     try:
         async with ctx.lock(meta["uid"]):
             outcome = await reconcile(ctx, body, time.time())
-            ctx.written[meta["uid"]] = {**ctx.written.get(meta["uid"], {}), **outcome.status}
+            ctx.remember(meta["uid"], outcome.status)
     except Exception:
         metrics.RECONCILES.labels(*labels, "error").inc()
         raise

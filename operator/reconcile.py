@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,12 +41,24 @@ class Context:
     redis_url: str  # for resources whose Redis URL is in a Secret the operator cannot read
     interval: float
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    # The status each resource's last pass wrote: the body kopf hands a handler may not
-    # show it yet, and deciding from a stale status would repeat Events and decisions.
-    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The status each resource's last pass wrote, and when: the body kopf hands a handler
+    # may not show it yet, and deciding from a stale status would repeat Events and
+    # decisions. Only recent entries count: after a peering pause, another replica has
+    # written newer status, and the body is the truth again.
+    written: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
 
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
+
+    def remember(self, uid: str, status: dict[str, Any]) -> None:
+        merged = {**self.recall(uid), **status}
+        self.written[uid] = (time.monotonic(), merged)
+
+    def recall(self, uid: str) -> dict[str, Any]:
+        entry = self.written.get(uid)
+        if entry is None or time.monotonic() - entry[0] > 3 * self.interval:
+            return {}
+        return entry[1]
 
     def forget(self, uid: str) -> None:
         """The resource is gone: drop what was kept for it."""
@@ -119,7 +132,7 @@ def _history(status: Mapping[str, Any]) -> History:
 async def reconcile(ctx: Context, body: Mapping[str, Any], now: float) -> Outcome:
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-    status = {**(body.get("status") or {}), **ctx.written.get(uid, {})}
+    status = {**(body.get("status") or {}), **ctx.recall(uid)}
     out = Outcome()
     conditions = Conditions(status.get("conditions") or [], now)
     out.status["observedGeneration"] = meta.get("generation", 0)

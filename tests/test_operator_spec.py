@@ -200,3 +200,20 @@ def test_removals_take_out_what_the_spec_dropped_but_not_what_others_own():
     patch = manifests.merged({"spec": {"template": {"spec": {"nodeSelector": {"pool": "edge"}}}}},
                              manifests.removals(after, before))
     assert patch["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "edge", "zone": None}
+
+
+def test_remembered_status_counts_only_while_recent():
+    import time
+
+    from herald_operator.kube import Kube
+    from herald_operator.reconcile import Context
+    from herald_operator.registry import RegistryPool
+
+    ctx = Context(kube=Kube(), registries=RegistryPool(), redis_url="", interval=0.02)
+    ctx.remember("uid-1", {"desiredReplicas": 3})
+    ctx.remember("uid-1", {"connections": 10})
+    assert ctx.recall("uid-1") == {"desiredReplicas": 3, "connections": 10}
+    time.sleep(0.1)  # e.g. paused by peering while another replica acted
+    assert ctx.recall("uid-1") == {}
+    ctx.forget("uid-1")
+    assert "uid-1" not in ctx.written
