@@ -67,6 +67,19 @@ async def drain(gen: Worker, expected: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def settle(cluster: Cluster, idle_percent: float = 10.0, cap: float = 30.0) -> float:
+    """Wait until the servers are idle (after a failed step they may still be
+    flushing its backlog), so the next step does not inherit it. Returns the wait."""
+    start = time.monotonic()
+    while time.monotonic() - start < cap:
+        before = sum(cpu_seconds(pid) for pid in cluster.pids)
+        await asyncio.sleep(0.5)
+        busy = sum(cpu_seconds(pid) for pid in cluster.pids) - before
+        if 100 * busy / 0.5 < idle_percent * len(cluster.pids):
+            break
+    return time.monotonic() - start
+
+
 async def run_step(
     rig: Rig, cluster: Cluster, channels: list[str], rate: float, duration: float
 ) -> dict[str, Any]:

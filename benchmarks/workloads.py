@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks import profile
 from benchmarks.procs import SECRET, Cluster, Redis, rss_kib
-from benchmarks.steps import Rig, cpu_snapshot, describe, gateway_share, run_step
+from benchmarks.steps import Rig, cpu_snapshot, describe, gateway_share, run_step, settle
 
 MODES = {"herald": "herald", "sio": "sio"}
 
@@ -86,7 +86,7 @@ class Bench:
                     else "")
                  + (f"; server errors {opened['errors']}" if opened["errors"] else ""))
         await self.rig.gen.call("reset")
-        await asyncio.sleep(1)  # let the connect storm's after-effects settle before measuring
+        await settle(cluster)  # the connect storm's after-effects are not the first step's
         return opened
 
     async def finish(self, cluster: Cluster) -> None:
@@ -125,8 +125,8 @@ class Bench:
             opened = await self.open(system, cluster, conns)
             result = await self.stepped(system, cluster, [channel], opened["opened"])
             if self.profile_dir is not None and system == "herald":
-                rate = result["best"]["rate"]
-                await self.profiled(cluster, [channel], rate, "w1")
+                await settle(cluster)
+                await self.profiled(cluster, [channel], result["best"]["rate"], "w1")
         finally:
             await self.finish(cluster)
         self.results.setdefault("W1", {})[system] = result
@@ -150,15 +150,17 @@ class Bench:
         try:
             await self.open(system, cluster, conns, owners)
             result = await self.stepped(system, cluster, channels, self.sizes.viewers)
-            self.say(f"  fixed {self.sizes.fixed_rate:,}/s for {self.sizes.fixed_s:.0f}s:")
+            waited = await settle(cluster)
+            self.say(f"  fixed {self.sizes.fixed_rate:,}/s for {self.sizes.fixed_s:.0f}s "
+                     f"(after {waited:.1f}s for the servers to go idle):")
             fixed = await run_step(self.rig, cluster, channels,
                                    self.sizes.fixed_rate / self.sizes.viewers,
                                    self.sizes.fixed_s)
             self.say(f"    {describe(fixed)}")
             result["fixed"] = fixed
             if self.profile_dir is not None and system == "herald":
-                rate = result["best"]["rate"]
-                await self.profiled(cluster, channels, rate, "w2")
+                await settle(cluster)
+                await self.profiled(cluster, channels, result["best"]["rate"], "w2")
         finally:
             await self.finish(cluster)
         self.results.setdefault("W2", {})[system] = result
