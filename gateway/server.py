@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -17,6 +18,9 @@ from gateway.errors import CloseCode
 from gateway.node import Node
 
 log = logging.getLogger("herald.server")
+
+# Allocations between young-generation collections (CPython's default: 700).
+GC_THRESHOLD_YOUNG = 50_000
 
 
 @dataclass
@@ -62,8 +66,24 @@ async def start_gateway(settings: Settings, node: Node | None = None) -> Running
     return RunningGateway(node, server, port)
 
 
+def tune_gc() -> None:
+    """Keep the cyclic GC from dominating a gateway that holds many connections.
+
+    Each connection is a few hundred long-lived container objects; with the
+    default thresholds a connect storm at 20,000 connections spent 44 % of
+    its CPU rescanning them (py-spy, benchmarks/README.md). Collecting young
+    objects less often, and freezing everything that exists once the server
+    is up (modules, app, node: never garbage), cuts that work while still
+    collecting the cycles that closed connections leave behind.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_YOUNG, 20, 20)
+
+
 async def serve_forever(settings: Settings) -> None:
     gateway = await start_gateway(settings)
+    tune_gc()
     log.info("herald gateway %s listening on %s:%d", settings.node_id, settings.host, gateway.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import struct
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -18,8 +17,10 @@ from gateway.errors import ProtocolError
 
 def now_iso(ts: float | None = None) -> str:
     """RFC 3339 UTC with milliseconds, as in the protocol's examples."""
-    moment = datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    ts = time.time() if ts is None else ts
+    whole = int(ts)
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{seconds}.{int((ts - whole) * 1000):03d}Z"
 
 
 def encode(obj: dict[str, Any]) -> bytes:

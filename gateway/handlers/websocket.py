@@ -64,7 +64,10 @@ class WsSession(Session):
         self.handler = handler
 
     def write_publication(self, pub: Publication) -> bool:
-        return self.handler.write_frame(pub.ws_frame, pub)
+        # The fan-out's hot path: straight to the outbox, which is marked
+        # closed as soon as the handler closes (see close_with).
+        outbox = self.handler.outbox
+        return outbox is not None and outbox.send(pub.ws_frame, pub)
 
     def send_json(self, message: dict[str, Any]) -> None:
         self.handler.write_frame(wire.ws_text_frame(wire.encode(message)))
@@ -356,6 +359,8 @@ class GatewayWebSocket(WebSocketHandler):
     def close_with(self, code: int, reason: str) -> None:
         if self._our_close_code is None:
             self._our_close_code = code
+            if self.outbox is not None:
+                self.outbox.closed = True  # nothing more after our close frame
             self.close(code, reason)
 
     def heartbeat(self) -> None:
