@@ -35,10 +35,6 @@ from tests.conftest import API_KEY, SECRET, RedisProcess, free_port
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 
-# The engine behind the gateway under test: "redis" (a real redis-server, the
-# deployment shape) or "memory" (the embedded engine).
-ENGINE = "redis"
-
 RUN_SECONDS = "3s"
 NO_TIMING = ["--check-p99-ms", "60000", "--check-connect-p99-ms", "60000"]
 
@@ -62,14 +58,12 @@ def herald(
         "HERALD_DEMO": "false",
         "HERALD_STATE_DIR": str(tmp / "state"),
         "HERALD_LOG_LEVEL": "WARNING",
-        "HERALD_REDIS_URL": "",
+        # The deployment's shape: a real redis-server behind the gateway.
+        "HERALD_REDIS_URL": request.getfixturevalue("redis_process").url,
         # All load comes from 127.0.0.1 as a handful of users: no per-IP or per-user cap.
         "HERALD_IP_CONNECT_RATE": "0",
         "HERALD_MAX_CONNECTIONS_PER_USER": "0",
     }
-    if ENGINE == "redis":
-        redis: RedisProcess = request.getfixturevalue("redis_process")
-        env["HERALD_REDIS_URL"] = redis.url
     log = (tmp / "gateway.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -90,7 +84,7 @@ def herald(
     auth = {"Authorization": f"apikey {API_KEY}"}
     stats = urllib.request.Request(url + "/api/v1/stats", headers=auth)
     with urllib.request.urlopen(stats, timeout=5) as reply:
-        assert ENGINE in orjson.loads(reply.read())["engine"].lower()
+        assert orjson.loads(reply.read())["engine"] == "RedisBroker"
     yield url
     proc.terminate()
     try:
@@ -234,8 +228,6 @@ def test_direct_redis_publisher_feeds_the_gateway(
     herald: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """--publish-via redis: Herald's RedisPublisher in a child process, no HTTP hop."""
-    if ENGINE != "redis":
-        pytest.skip("publishing straight into Redis needs the gateway on the Redis engine")
     redis: RedisProcess = request.getfixturevalue("redis_process")
     run = locust(
         herald, tmp_path, "--scenario", "fanout", "--jobs", "2", "--rate", "10",
