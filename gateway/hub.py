@@ -10,9 +10,10 @@ with no gap and no duplicate.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.broker.base import Broker, Position, Publication
+from gateway.broker.base import Broker, BrokerUnavailable, Position, Publication
 
 
 class Subscriber(Protocol):
@@ -25,17 +26,34 @@ class Subscriber(Protocol):
     def send_json(self, message: dict[str, Any]) -> None: ...
 
 
+@dataclass(slots=True, eq=False)
+class _Channel:
+    """One channel's local subscribers: streaming live, or still recovering."""
+
+    # Insertion-ordered sets (dict keys): subscribe order is delivery order.
+    live: dict[Subscriber, None] = field(default_factory=dict)
+    # Recovering subscribers and the live publications that arrived meanwhile.
+    recovering: dict[Subscriber, list[Publication]] = field(default_factory=dict)
+    # Recovering subscribers whose buffer hit its bound.
+    overflowed: set[Subscriber] = field(default_factory=set)
+
+    def __contains__(self, sub: Subscriber) -> bool:
+        return sub in self.live or sub in self.recovering
+
+    def __len__(self) -> int:
+        return len(self.live) + len(self.recovering)
+
+    def subscribers(self) -> list[Subscriber]:
+        return [*self.live, *self.recovering]
+
+
 class Hub:
     def __init__(self, broker: Broker, recovery_buffer: int = 10000) -> None:
         self._broker = broker
         self._recovery_buffer = recovery_buffer
-        # channel -> subscriber -> None when live, else the publications
-        # that arrived while it recovers. Insertion order = subscribe order.
-        self._channels: dict[str, dict[Subscriber, list[Publication] | None]] = {}
+        self._channels: dict[str, _Channel] = {}
         # channel -> the broker subscription in flight; later subscribers wait on it.
         self._pending: dict[str, asyncio.Future[None]] = {}
-        # (subscriber, channel) whose recovery buffer hit its bound.
-        self._overflowed: set[tuple[Subscriber, str]] = set()
         self.subscription_count = 0
 
     @property
@@ -46,18 +64,27 @@ class Hub:
         return list(self._channels)
 
     def subscribers(self, channel: str) -> int:
-        return len(self._channels.get(channel, ()))
+        ch = self._channels.get(channel)
+        return len(ch) if ch is not None else 0
 
     def subscribers_of(self, channel: str) -> list[Subscriber]:
-        return list(self._channels.get(channel, ()))
+        ch = self._channels.get(channel)
+        return ch.subscribers() if ch is not None else []
+
+    def _recover(self, ch: _Channel, sub: Subscriber) -> None:
+        """Put `sub` in recovering state (a live one re-subscribing recovers again)."""
+        if sub not in ch:
+            self.subscription_count += 1
+        ch.live.pop(sub, None)
+        ch.overflowed.discard(sub)
+        ch.recovering[sub] = []
 
     async def add(self, sub: Subscriber, channel: str) -> None:
         """Register `sub` in recovering state; returns once the broker feeds the channel."""
-        subs = self._channels.get(channel)
-        if subs is None:
-            subs = self._channels[channel] = {}
-            subs[sub] = []
-            self.subscription_count += 1
+        ch = self._channels.get(channel)
+        if ch is None:
+            ch = self._channels[channel] = _Channel()
+            self._recover(ch, sub)
             ready = self._pending[channel] = asyncio.get_running_loop().create_future()
             try:
                 await self._broker.subscribe([channel])
@@ -65,14 +92,13 @@ class Hub:
             except BaseException as exc:
                 ready.set_exception(exc)
                 ready.exception()  # retrieved: waiters re-raise it themselves
-                self._discard(sub, channel)
+                if self._discard(sub, channel):
+                    await self._release(channel)
                 raise
             finally:
                 self._pending.pop(channel, None)
             return
-        if sub not in subs:
-            self.subscription_count += 1
-        subs[sub] = []  # a live one re-subscribing recovers again
+        self._recover(ch, sub)
         pending = self._pending.get(channel)
         if pending is not None:
             try:
@@ -81,6 +107,14 @@ class Hub:
                 self._discard(sub, channel)
                 raise
 
+    async def _release(self, channel: str) -> None:
+        """Drop the broker subscription of a failed first subscribe (best effort):
+        a confirmation that arrives late must not leave it held for nobody."""
+        try:
+            await self._broker.unsubscribe([channel])
+        except BrokerUnavailable:
+            pass
+
     def go_live(self, sub: Subscriber, channel: str, after: int) -> bool:
         """End recovery: deliver what was buffered past offset `after`, then stream live.
 
@@ -88,15 +122,15 @@ class Hub:
         close the connection (4008) so the client recovers again, since
         handing it a stream with a hole would be losing messages silently.
         """
-        subs = self._channels.get(channel)
-        if subs is None or sub not in subs:
+        ch = self._channels.get(channel)
+        if ch is None or sub not in ch.recovering:
             return True
-        buffered = subs[sub]
-        subs[sub] = None
-        if (sub, channel) in self._overflowed:
-            self._overflowed.discard((sub, channel))
+        buffered = ch.recovering.pop(sub)
+        ch.live[sub] = None
+        if sub in ch.overflowed:
+            ch.overflowed.discard(sub)
             return False
-        for pub in buffered or ():
+        for pub in buffered:
             if pub.offset > after:
                 sub.deliver(pub)
         return True
@@ -107,29 +141,36 @@ class Hub:
 
     def _discard(self, sub: Subscriber, channel: str) -> bool:
         """Forget one subscription; True when the channel has no subscriber left."""
-        subs = self._channels.get(channel)
-        if subs is None or sub not in subs:
+        ch = self._channels.get(channel)
+        if ch is None or sub not in ch:
             return False
-        del subs[sub]
-        self._overflowed.discard((sub, channel))
+        ch.live.pop(sub, None)
+        ch.recovering.pop(sub, None)
+        ch.overflowed.discard(sub)
         self.subscription_count -= 1
-        if subs:
+        if ch:
             return False
         del self._channels[channel]
         return True
 
     def dispatch(self, pub: Publication) -> int:
-        """Hand one publication to every local subscriber; returns how many were live."""
-        subs = self._channels.get(pub.channel)
-        if not subs:
+        """Hand one publication to every local subscriber; returns how many were live.
+
+        The hot path of fan-out: one pass over the live subscribers (a tuple
+        of them, so a subscriber that closes meanwhile cannot disturb it),
+        and the recovering ones, usually none, buffer it.
+        """
+        ch = self._channels.get(pub.channel)
+        if ch is None:
             return 0
-        live = 0
-        for sub, buffered in list(subs.items()):
-            if buffered is None:
-                sub.deliver(pub)
-                live += 1
-            elif len(buffered) < self._recovery_buffer:
-                buffered.append(pub)
-            else:
-                self._overflowed.add((sub, pub.channel))
-        return live
+        if ch.recovering:
+            bound = self._recovery_buffer
+            for sub, buffered in ch.recovering.items():
+                if len(buffered) < bound:
+                    buffered.append(pub)
+                else:
+                    ch.overflowed.add(sub)
+        live = tuple(ch.live)
+        for sub in live:
+            sub.deliver(pub)
+        return len(live)
