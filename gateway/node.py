@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from gateway import publishing, tracing
+from gateway import publishing, tracing, wire
 from gateway.admission import IpRateLimiter, UserConnections
 from gateway.auth import Authenticator, Claims
 from gateway.broker import create_broker
@@ -207,6 +207,19 @@ class Node:
     def conflatable(self, pub: Publication) -> bool:
         """Only a job's `progress` is superseded by a newer one; every other event counts."""
         return pub.event == "progress" and self.namespaces.of(pub.channel).state
+
+    def connected(self, session: Session) -> dict[str, Any]:
+        """The `connected` frame every transport opens with."""
+        return {
+            "type": "connected",
+            "client": session.id,
+            "node": self.id,
+            "user": session.claims.sub,
+            "heartbeat": int(self.settings.heartbeat),
+            "expires": int(session.claims.exp),
+            "transport": session.transport,
+            "timestamp": wire.now_iso(),
+        }
 
     def new_client_id(self) -> str:
         return "c-" + secrets.token_hex(6)

@@ -122,18 +122,7 @@ class SseHandler(JsonHandler):
         node.metrics.connects.labels("sse").inc()
         node.metrics.connections.labels("sse").inc()
         try:
-            session.send_json(
-                {
-                    "type": "connected",
-                    "client": session.id,
-                    "node": node.id,
-                    "user": claims.sub,
-                    "heartbeat": int(node.settings.heartbeat),
-                    "expires": int(claims.exp),
-                    "transport": "sse",
-                    "timestamp": wire.now_iso(),
-                }
-            )
+            session.send_json(node.connected(session))
             for channel, since in plan:
                 if self._done.is_set():
                     break

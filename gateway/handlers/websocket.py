@@ -198,15 +198,7 @@ class GatewayWebSocket(WebSocketHandler):
         self.session = session
         self.node.metrics.connections.labels("ws").inc()
         self._schedule_expiry(claims)
-        connected: dict[str, Any] = {
-            "type": "connected",
-            "client": self.client_id,
-            "node": self.node.id,
-            "user": claims.sub,
-            "heartbeat": int(self.node.settings.heartbeat),
-            "expires": int(claims.exp),
-            "timestamp": wire.now_iso(),
-        }
+        connected = self.node.connected(self.session)
         if rid is not None:
             connected["id"] = rid
         self.session.send_json(connected)
