@@ -185,3 +185,16 @@ async def test_control_commands_reach_the_named_node_only(engine):
             break
         await asyncio.sleep(0.02)
     assert got == {"a": [{"cmd": "shed", "count": 2}], "b": []}
+
+
+async def test_the_memory_engine_holds_a_bounded_number_of_channels():
+    """Reads create channels, so a flood of made-up names must not grow it for ever."""
+    broker = MemoryBroker(max_channels=50)
+    await broker.subscribe(["public:watched"])
+    await broker.publish(SHORT, "public:watched", "tick", {})
+    for i in range(200):
+        await broker.snapshot(SHORT, f"public:made-up-{i}")
+    assert len(broker._streams) <= 50
+    assert broker.evicted == 151
+    # The watched channel, the oldest of all, was passed over: its history is intact.
+    assert (await broker.history(SHORT, "public:watched", 0, 10)).offset == 1

@@ -25,6 +25,10 @@ from gateway.channels import Namespace
 from gateway.errors import ProtocolError
 
 OWNER_TTL = 7 * 86400.0
+# Channels the embedded engine holds at most (each with its capped history).
+MAX_CHANNELS = 100_000
+# How far past the oldest channels eviction looks for one nobody watches.
+EVICTION_SCAN = 100
 
 
 @dataclass(slots=True)
@@ -37,10 +41,13 @@ class _Stream:
 
 
 class MemoryBroker(Broker):
-    def __init__(self, clock: Any = time.time) -> None:
+    def __init__(self, clock: Any = time.time, max_channels: int = MAX_CHANNELS) -> None:
         super().__init__()
         self._clock = clock
+        self._max_channels = max_channels
+        # Oldest first (insertion order), for eviction past the bound.
         self._streams: dict[str, _Stream] = {}
+        self.evicted = 0
         self._owners: dict[str, tuple[str, float]] = {}
         self._subscribed: set[str] = set()
         self._last_sweep = 0.0
@@ -55,9 +62,29 @@ class MemoryBroker(Broker):
         """
         stream = self._streams.get(channel)
         if stream is None or stream.expires <= now:
+            if stream is None and len(self._streams) >= self._max_channels:
+                self._make_room(now)
             stream = _Stream(epoch=new_epoch(), expires=now + namespace.history_ttl)
             self._streams[channel] = stream
         return stream
+
+    def _make_room(self, now: float) -> None:
+        """Past the channel bound: drop expired channels, else the oldest unwatched one.
+
+        Reads create channels too, so without a bound a client cycling
+        through made-up `public:` names would grow this engine for an hour
+        (the history TTL) at its full request rate. An evicted channel comes
+        back with a new epoch: its clients see it, nothing is lost silently.
+        """
+        self._last_sweep = 0.0
+        self._sweep(now)
+        if len(self._streams) < self._max_channels:
+            return
+        for i, channel in enumerate(self._streams):
+            if channel not in self._subscribed or i >= EVICTION_SCAN:
+                break
+        del self._streams[channel]
+        self.evicted += 1
 
     def _sweep(self, now: float) -> None:
         """Drop expired channels and owners, at most once a second, so memory stays bounded."""
