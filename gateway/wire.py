@@ -80,3 +80,14 @@ def ws_text_frame(payload: bytes) -> bytes:
     else:
         header = struct.pack("!BBQ", 0x81, 127, size)
     return header + payload
+
+
+def sse_event_id(channel: str, epoch: str, offset: int) -> str:
+    """An SSE event id: what `Last-Event-ID` brings back to resume from."""
+    return f"{channel}|{epoch}|{offset}"
+
+
+def sse_frame(payload: bytes, eid: str | None = None) -> bytes:
+    """One SSE event; the JSON never contains a raw newline, so one `data:` line is enough."""
+    head = b"id: " + eid.encode() + b"\n" if eid is not None else b""
+    return head + b"data: " + payload + b"\n\n"

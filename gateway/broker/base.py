@@ -37,6 +37,7 @@ class Publication:
     meta: dict[str, str] = field(default_factory=dict)
     _json: bytes | None = None
     _ws: bytes | None = None
+    _sse: bytes | None = None
 
     def message(self) -> dict[str, Any]:
         return {
@@ -62,6 +63,14 @@ class Publication:
         if self._ws is None:
             self._ws = wire.ws_text_frame(self.json)
         return self._ws
+
+    @property
+    def sse_frame(self) -> bytes:
+        """The whole SSE event (id and data), built once per node like `ws_frame`."""
+        if self._sse is None:
+            eid = wire.sse_event_id(self.channel, self.epoch, self.offset)
+            self._sse = wire.sse_frame(self.json, eid)
+        return self._sse
 
     def to_record(self) -> dict[str, Any]:
         """Storage form, shared by the engines' history and pub/sub payloads."""

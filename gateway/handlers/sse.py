@@ -42,10 +42,6 @@ log = logging.getLogger("herald.sse")
 RETRY_MS = 2000  # EventSource's own reconnect delay, sent once per stream
 
 
-def event_id(channel: str, epoch: str, offset: int) -> str:
-    return f"{channel}|{epoch}|{offset}"
-
-
 def parse_position(raw: str, what: str) -> tuple[str, tuple[str, int]]:
     """`channel|epoch|offset` -> (channel, (epoch, offset)), or `bad_request` saying why."""
     parts = raw.split("|")
@@ -57,12 +53,6 @@ def parse_position(raw: str, what: str) -> tuple[str, tuple[str, int]]:
     return validate_channel(channel), (epoch, int(offset))
 
 
-def sse_frame(payload: bytes, eid: str | None = None) -> bytes:
-    """One SSE event; the JSON never contains a raw newline, so one `data:` line is enough."""
-    head = b"id: " + eid.encode() + b"\n" if eid is not None else b""
-    return head + b"data: " + payload + b"\n\n"
-
-
 class SseSession(Session):
     transport = "sse"
 
@@ -71,14 +61,13 @@ class SseSession(Session):
         self.handler = handler
 
     def write_publication(self, pub: Publication) -> bool:
-        eid = event_id(pub.channel, pub.epoch, pub.offset)
-        return self.handler.write_event(sse_frame(pub.json, eid), pub)
+        return self.handler.write_event(pub.sse_frame, pub)
 
     def send_json(self, message: dict[str, Any]) -> None:
         eid = None
         if message.get("type") == "subscribed":
-            eid = event_id(message["channel"], message["epoch"], message["offset"])
-        self.handler.write_event(sse_frame(wire.encode(message), eid))
+            eid = wire.sse_event_id(message["channel"], message["epoch"], message["offset"])
+        self.handler.write_event(wire.sse_frame(wire.encode(message), eid))
 
     def close(self, code: int, reason: str) -> None:
         self.handler.end_stream(code, reason)
@@ -194,7 +183,7 @@ class SseHandler(JsonHandler):
         }
         if channel is not None:
             message["channel"] = channel
-        self.write_event(sse_frame(wire.encode(message)))
+        self.write_event(wire.sse_frame(wire.encode(message)))
 
     # -- writing and closing ----------------------------------------------
 
@@ -222,7 +211,7 @@ class SseHandler(JsonHandler):
         if self._done.is_set():
             return
         self.write_event(
-            sse_frame(wire.encode({"type": "closed", "code": code, "reason": reason}))
+            wire.sse_frame(wire.encode({"type": "closed", "code": code, "reason": reason}))
         )
         self._close_code = code
         self._done.set()
