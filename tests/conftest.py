@@ -29,6 +29,7 @@ from websockets.asyncio.client import ClientConnection
 from gateway.auth import mint_token
 from gateway.config import Settings
 from gateway.server import RunningGateway, start_gateway
+from tests.faultproxy import FaultProxy
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 API_KEY = "test-api-key"
@@ -207,6 +208,14 @@ def redis_url(redis_process: RedisProcess) -> str:
         s.sendall(b"FLUSHALL\r\n")
         s.recv(16)
     return redis_process.url
+
+
+@pytest.fixture
+def fault_proxy(redis_url: str, redis_process: RedisProcess) -> Iterator[FaultProxy]:
+    """A fault-injecting TCP proxy in front of the session's (flushed) redis-server;
+    give a gateway `fault_proxy.url` and stall, reset or slow its link to Redis."""
+    with FaultProxy(redis_process.port) as proxy:
+        yield proxy
 
 
 # -- gateway processes (`herald serve` for real) --------------------------------
