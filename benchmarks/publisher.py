@@ -34,7 +34,7 @@ from benchmarks import rpc
 from gateway.broker.base import new_epoch
 from gateway.broker.redis import OWNER_TTL
 from gateway.broker.redis_scripts import PUBLISH, Keys
-from gateway.channels import Namespaces
+from gateway.protocol.channels import Namespaces
 
 EVENT = "progress"
 TICK = 0.002
@@ -115,7 +115,7 @@ class HeraldSink:
         self._static: dict[str, tuple[bytes, bytes]] = {}
 
     async def setup(self, owners: dict[str, str]) -> None:
-        from gateway.publisher import RedisPublisher
+        from gateway.sdk.publisher import RedisPublisher
 
         client = aioredis.from_url(self.url)
         try:

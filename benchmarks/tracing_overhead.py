@@ -36,8 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench_gateway import FrameCounter, connect_many, cpu_seconds, free_port  # noqa: E402
 
-from gateway.auth import mint_token  # noqa: E402
-from gateway.publisher import RedisPublisher  # noqa: E402
+from gateway.sdk.publisher import RedisPublisher  # noqa: E402
+from gateway.security.auth import mint_token  # noqa: E402
 from tests.conftest import RedisProcess  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 

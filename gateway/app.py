@@ -7,10 +7,10 @@ from typing import Any
 
 from tornado.web import Application, StaticFileHandler
 
+from gateway.core.node import Node
 from gateway.handlers import api, ops, pages
 from gateway.handlers.sse import SseHandler
 from gateway.handlers.websocket import GatewayWebSocket
-from gateway.node import Node
 
 STATIC = Path(__file__).parent / "static"
 CHANNEL = r"(?P<channel>[A-Za-z0-9_\-:.@=]{1,255})"
@@ -43,7 +43,7 @@ def make_app(node: Node, **overrides: Any) -> Application:
         ]
     return Application(
         routes,
-        # Pings come from the node's one Heartbeat timer (gateway/heartbeat.py).
+        # Pings come from the node's one Heartbeat timer (gateway/core/heartbeat.py).
         websocket_ping_interval=0,
         websocket_max_message_size=settings.max_frame_bytes,
         xheaders=True,

@@ -11,9 +11,9 @@ import asyncio
 import dataclasses
 import sys
 
-from gateway.auth import Authenticator, mint_token
-from gateway.channels import Namespaces
 from gateway.config import ConfigError, Settings, state_dir, with_dev_secrets
+from gateway.protocol.channels import Namespaces
+from gateway.security.auth import Authenticator, mint_token
 
 BANNER = """
 ================================================================================
@@ -54,8 +54,8 @@ def _check(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from gateway.logs import configure_logging
     from gateway.server import serve_forever
+    from gateway.telemetry.logs import configure_logging
 
     settings = _settings()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -73,14 +73,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        from gateway import tracing
+        from gateway.telemetry import tracing
 
         tracing.shutdown()  # flush the last spans
 
 
 def _setup_tracing(settings: Settings) -> None:
     """OpenTelemetry from the standard `OTEL_*` variables (nothing when none is set)."""
-    from gateway import tracing
+    from gateway.telemetry import tracing
 
     try:
         tracing.setup(settings.node_id)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.broker.memory import MemoryBroker
-from gateway.errors import ProtocolError
-from gateway.node import Node
-from gateway.publishing import PublishRequest
+from gateway.core.node import Node
+from gateway.core.publishing import PublishRequest
+from gateway.protocol.errors import ProtocolError
 
 log = logging.getLogger("herald.demo")
 

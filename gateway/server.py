@@ -14,8 +14,8 @@ from tornado.netutil import bind_sockets
 
 from gateway.app import make_app
 from gateway.config import Settings
-from gateway.errors import CloseCode
-from gateway.node import Node
+from gateway.core.node import Node
+from gateway.protocol.errors import CloseCode
 
 log = logging.getLogger("herald.server")
 

@@ -21,7 +21,7 @@ import orjson
 import websockets
 from tornado.httpclient import AsyncHTTPClient
 
-from gateway.auth import mint_token
+from gateway.security.auth import mint_token
 from tests.sse_client import SseStream
 
 SECRET = "bench-secret-0123456789abcdef0123456789"

@@ -26,8 +26,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from gateway.auth import mint_token
 from gateway.config import Settings
+from gateway.security.auth import mint_token
 from gateway.server import RunningGateway, start_gateway
 from tests.faultproxy import FaultProxy
 

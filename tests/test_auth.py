@@ -20,9 +20,9 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
-import gateway.auth
+import gateway.security.auth
 from gateway.config import Settings
-from gateway.errors import CloseCode
+from gateway.protocol.errors import CloseCode
 from tests.conftest import SECRET, free_port, token
 from tests.support import ec_key, public_pem, publish, rsa_key
 
@@ -323,7 +323,7 @@ async def test_jwks_unknown_kid_refetch_is_rate_limited(make_gateway, ws_client,
 async def test_jwks_rotation_picks_up_new_kid(make_gateway, ws_client, jwks, monkeypatch):
     """After the provider rotates keys, a token with the new kid is accepted (one refetch)
     and one signed by the retired key is refused."""
-    monkeypatch.setattr(gateway.auth, "JWKS_MIN_REFRESH", 0.0)
+    monkeypatch.setattr(gateway.security.auth, "JWKS_MIN_REFRESH", 0.0)
     old, new = rsa_key(), rsa_key()
     jwks.publish(("k1", old))
     gw = await make_gateway(jwt_secret="", jwt_jwks_url=jwks.url)

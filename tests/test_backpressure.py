@@ -11,7 +11,7 @@ import itertools
 
 import orjson
 
-from gateway.publisher import HttpPublisher
+from gateway.sdk.publisher import HttpPublisher
 from tests.conftest import API_KEY, token
 from tests.rawws import RawWs
 

@@ -15,8 +15,8 @@ import pytest
 from gateway.broker.base import Broker, Publication, Snapshot
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
-from gateway.channels import Access, Namespace
-from gateway.errors import ProtocolError
+from gateway.protocol.channels import Access, Namespace
+from gateway.protocol.errors import ProtocolError
 
 JOB = Namespace("job", Access.OWNER, history_size=5, history_ttl=3600, state=True)
 USER = Namespace("user", Access.USER, history_size=100, history_ttl=3600)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Page, async_playwright
 
-from gateway.publisher import RedisPublisher
+from gateway.sdk.publisher import RedisPublisher
 from tests.support import publish
 
 CHROMIUM = "/usr/bin/chromium"

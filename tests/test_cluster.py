@@ -20,7 +20,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from gateway.broker.memory import MemoryBroker  # noqa: F401 - documents the other engine
 from gateway.broker.redis import RedisBroker
-from gateway.publisher import HttpPublisher, RedisPublisher
+from gateway.sdk.publisher import HttpPublisher, RedisPublisher
 from tests.conftest import API_KEY, GatewayProcess, WsClient, api_headers, token
 
 BIG_HISTORY = orjson.dumps({"public": {"history_size": 5000}}).decode()

@@ -23,8 +23,8 @@ import pytest
 import websockets
 from tornado.httpclient import AsyncHTTPClient
 
-from gateway.auth import Authenticator
 from gateway.config import DEV_SECRETS_FILE, ConfigError, Settings, with_dev_secrets
+from gateway.security.auth import Authenticator
 from gateway.server import start_gateway
 from tests.conftest import free_port
 from tests.support import public_pem, rsa_key

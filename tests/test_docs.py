@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import PREFIX, Settings
-from gateway.errors import CloseCode, ErrorCode
-from gateway.metrics import Metrics
+from gateway.protocol.errors import CloseCode, ErrorCode
+from gateway.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = (ROOT / "docs" / "protocol.md").read_text()

@@ -9,7 +9,7 @@ import time
 import orjson
 import websockets
 
-from gateway.publisher import HttpPublisher
+from gateway.sdk.publisher import HttpPublisher
 from tests.conftest import API_KEY, WsClient
 from tests.test_cluster import BIG_HISTORY, connect, http_json
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from tests.conftest import api_headers, token
 from tests.support import http, publish, register_job
 

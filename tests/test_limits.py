@@ -11,7 +11,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from gateway.errors import CloseCode
+from gateway.protocol.errors import CloseCode
 from tests.conftest import api_headers, token
 from tests.support import http, publish
 

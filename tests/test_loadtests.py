@@ -305,7 +305,7 @@ def test_tags_naming_no_scenario_are_refused(herald: str, tmp_path: Path) -> Non
 
 
 def test_token_file_instead_of_a_secret(herald: str, tmp_path: Path) -> None:
-    from gateway.auth import mint_token
+    from gateway.security.auth import mint_token
 
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(

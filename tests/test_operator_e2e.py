@@ -29,7 +29,7 @@ import pytest
 import redis
 import websockets
 
-from gateway.auth import mint_token
+from gateway.security.auth import mint_token
 from tests.conftest import API_KEY, SECRET, free_port
 from tests.operator_harness import (
     GATEWAYS,

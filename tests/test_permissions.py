@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from gateway.channels import Namespaces
+from gateway.protocol.channels import Namespaces
 from tests.conftest import token
 from tests.support import http, publish, register_job
 

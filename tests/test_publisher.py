@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.publisher import HttpPublisher, Publisher, PublishError
+from gateway.sdk.publisher import HttpPublisher, Publisher, PublishError
 from tests.conftest import API_KEY, free_port, token
 
 

@@ -1,4 +1,4 @@
-"""The asyncio client (`gateway.client.HeraldClient`) against real gateways.
+"""The asyncio client (`gateway.sdk.client.HeraldClient`) against real gateways.
 
 The one that matters most: a `herald serve` process on the Redis engine is
 killed and restarted while a publisher keeps publishing, and the client
@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.client import HeraldClient, Update, backoff_delay
-from gateway.publisher import RedisPublisher
+from gateway.sdk.client import HeraldClient, Update, backoff_delay
+from gateway.sdk.publisher import RedisPublisher
 from tests.conftest import token
 from tests.support import publish, register_job
 

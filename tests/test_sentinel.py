@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.publisher import RedisPublisher
+from gateway.sdk.publisher import RedisPublisher
 from tests.conftest import RedisProcess, free_port
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway import tracing
 from gateway.broker.redis import RedisBroker
-from gateway.channels import Namespaces
+from gateway.protocol.channels import Namespaces
+from gateway.telemetry import tracing
 from tests.conftest import API_KEY, api_headers, gateway_env
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support import http
@@ -179,8 +179,8 @@ async def test_one_http_publish_is_one_trace_through_two_gateway_processes(
 PUBLISHER_SCRIPT = """
 import asyncio, os, sys
 from opentelemetry import trace
-from gateway import tracing
-from gateway.publisher import HttpPublisher, RedisPublisher
+from gateway.telemetry import tracing
+from gateway.sdk.publisher import HttpPublisher, RedisPublisher
 
 async def main():
     tracing.setup("worker")

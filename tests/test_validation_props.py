@@ -15,9 +15,9 @@ import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.channels import claim_allows, validate_channel
-from gateway.errors import ProtocolError
-from gateway.wire import decode_request, json_depth_ok
+from gateway.protocol.channels import claim_allows, validate_channel
+from gateway.protocol.errors import ProtocolError
+from gateway.protocol.wire import decode_request, json_depth_ok
 
 NAME_CHARS = st.sampled_from("abcXYZ019_-.@=:")
 channel_names = st.text(NAME_CHARS, min_size=1, max_size=40)

@@ -14,7 +14,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from gateway.errors import CloseCode
+from gateway.protocol.errors import CloseCode
 from tests.conftest import token
 from tests.support import publish, register_job
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import wire
-from gateway.channels import UNCONFIGURED, Namespace
+from gateway.protocol import wire
+from gateway.protocol.channels import UNCONFIGURED, Namespace
 
 TERMINAL_JOB_EVENTS = frozenset({"completed", "failed", "cancelled"})
 

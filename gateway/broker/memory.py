@@ -21,8 +21,8 @@ from gateway.broker.base import (
     Snapshot,
     new_epoch,
 )
-from gateway.channels import Namespace
-from gateway.errors import ProtocolError
+from gateway.protocol.channels import Namespace
+from gateway.protocol.errors import ProtocolError
 
 OWNER_TTL = 7 * 86400.0
 # Channels the embedded engine holds at most (each with its capped history).

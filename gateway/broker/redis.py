@@ -42,8 +42,8 @@ from gateway.broker.base import (
     new_epoch,
 )
 from gateway.broker.redis_scripts import PUBLISH, READ, Keys
-from gateway.channels import Namespace
-from gateway.errors import ProtocolError
+from gateway.protocol.channels import Namespace
+from gateway.protocol.errors import ProtocolError
 
 log = logging.getLogger("herald.redis")
 

@@ -8,10 +8,11 @@ from typing import Any
 import orjson
 from tornado.web import RequestHandler
 
-from gateway import tracing, wire
-from gateway.auth import Claims
-from gateway.errors import HTTP_STATUS, ProtocolError
-from gateway.node import Node
+from gateway.core.node import Node
+from gateway.protocol import wire
+from gateway.protocol.errors import HTTP_STATUS, ProtocolError
+from gateway.security.auth import Claims
+from gateway.telemetry import tracing
 
 log = logging.getLogger("herald.http")
 

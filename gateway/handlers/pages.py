@@ -13,9 +13,9 @@ from typing import Any
 from tornado.web import StaticFileHandler
 
 from gateway import demo
-from gateway.auth import mint_token
-from gateway.errors import ProtocolError
 from gateway.handlers.base import JsonHandler
+from gateway.protocol.errors import ProtocolError
+from gateway.security.auth import mint_token
 
 DEMO_TOKEN_TTL = 900  # short on purpose: the page shows token refresh at work
 

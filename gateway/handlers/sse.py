@@ -28,14 +28,14 @@ import time
 from asyncio import Future
 from typing import Any
 
-from gateway import wire
-from gateway.auth import Claims
 from gateway.broker.base import Publication
-from gateway.channels import validate_channel
-from gateway.errors import CloseCode, ProtocolError
+from gateway.core.outbox import Outbox
+from gateway.core.session import Session
 from gateway.handlers.base import JsonHandler
-from gateway.outbox import Outbox
-from gateway.session import Session
+from gateway.protocol import wire
+from gateway.protocol.channels import validate_channel
+from gateway.protocol.errors import CloseCode, ProtocolError
+from gateway.security.auth import Claims
 
 log = logging.getLogger("herald.sse")
 

@@ -18,15 +18,16 @@ from urllib.parse import urlparse
 from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketHandler
 
-from gateway import tracing, wire
-from gateway.auth import Claims
 from gateway.broker.base import Publication
-from gateway.channels import validate_channel
-from gateway.errors import CloseCode, ProtocolError
-from gateway.node import Node, parse_since
-from gateway.outbox import Outbox
-from gateway.ratelimit import AbuseCounter, TokenBucket
-from gateway.session import Session
+from gateway.core.node import Node, parse_since
+from gateway.core.outbox import Outbox
+from gateway.core.session import Session
+from gateway.protocol import wire
+from gateway.protocol.channels import validate_channel
+from gateway.protocol.errors import CloseCode, ProtocolError
+from gateway.security.auth import Claims
+from gateway.security.ratelimit import AbuseCounter, TokenBucket
+from gateway.telemetry import tracing
 
 log = logging.getLogger("herald.ws")
 

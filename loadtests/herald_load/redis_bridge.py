@@ -1,6 +1,6 @@
 """Direct-Redis publishing for the load test, run outside Locust's gevent loop.
 
-Locust runs on gevent; `gateway.publisher.RedisPublisher` is asyncio, and
+Locust runs on gevent; `gateway.sdk.publisher.RedisPublisher` is asyncio, and
 asyncio must not run inside Locust's tasks. So this small program runs the
 publisher in a process and event loop of its own, and a Locust publisher
 talks to it over its stdin/stdout: one JSON line per request, one per reply.
@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from gateway.publisher import PublishError, RedisPublisher
+from gateway.sdk.publisher import PublishError, RedisPublisher
 
 
 async def serve(url: str, prefix: str) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import orjson
 
-from gateway.tracing import TraceLogFilter
+from gateway.telemetry.tracing import TraceLogFilter
 
 
 class JsonFormatter(logging.Formatter):

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from gateway import tracing
+from gateway.telemetry import tracing
 
 __all__ = ["HttpPublisher", "PublishError", "Publisher", "RedisPublisher"]
 
@@ -193,7 +193,7 @@ class RedisPublisher(Publisher):
 
     For workers that live next to Redis. Validation, size bounds, owner
     checks and terminal-job notifications are the very code the gateway runs
-    (`gateway.publishing`), so a publication means the same either way.
+    (`gateway.core.publishing`), so a publication means the same either way.
 
         async with RedisPublisher("redis://redis:6379/0") as pub:
             await pub.job_progress("550e8400", "user-123", "processing", 45)
@@ -208,7 +208,7 @@ class RedisPublisher(Publisher):
         max_publish_bytes: int = 262144,
     ) -> None:
         from gateway.broker.redis import RedisBroker
-        from gateway.channels import Namespaces
+        from gateway.protocol.channels import Namespaces
 
         self._broker = RedisBroker(redis_url, prefix=prefix)
         self._namespaces = Namespaces.from_config(namespaces)
@@ -232,7 +232,7 @@ class RedisPublisher(Publisher):
     async def publish(
         self, channel: str, event: str, data: Any, *, owner: str | None = None
     ) -> dict[str, Any]:
-        from gateway import publishing
+        from gateway.core import publishing
 
         body = {"channel": channel, "event": event, "data": data, "owner": owner}
         async with self._errors():
@@ -241,7 +241,7 @@ class RedisPublisher(Publisher):
         return {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
 
     async def register_job(self, job_id: str, owner: str) -> None:
-        from gateway.channels import validate_channel
+        from gateway.protocol.channels import validate_channel
 
         async with self._errors():
             await self._broker.register_owner(validate_channel(f"job:{job_id}"), owner)
@@ -252,7 +252,7 @@ class RedisPublisher(Publisher):
     @contextlib.asynccontextmanager
     async def _errors(self) -> AsyncIterator[None]:
         from gateway.broker.base import BrokerUnavailable
-        from gateway.errors import ProtocolError
+        from gateway.protocol.errors import ProtocolError
 
         try:
             yield

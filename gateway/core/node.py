@@ -14,9 +14,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from gateway import publishing, tracing, wire
-from gateway.admission import IpRateLimiter, UserConnections
-from gateway.auth import Authenticator, Claims
 from gateway.broker import create_broker
 from gateway.broker.base import (
     Broker,
@@ -26,21 +23,26 @@ from gateway.broker.base import (
     Publication,
     Snapshot,
 )
-from gateway.channels import Access, Namespace, Namespaces, claim_allows, validate_channel
 from gateway.config import Settings
-from gateway.errors import CloseCode, ProtocolError
-from gateway.heartbeat import Heartbeat
-from gateway.hub import Hub
-from gateway.metrics import Metrics
-from gateway.outbox import Outbox
-from gateway.registry import RegistryWriter
+from gateway.core import publishing
+from gateway.core.heartbeat import Heartbeat
+from gateway.core.hub import Hub
+from gateway.core.outbox import Outbox
+from gateway.core.registry import RegistryWriter
+from gateway.protocol import wire
+from gateway.protocol.channels import Access, Namespace, Namespaces, claim_allows, validate_channel
+from gateway.protocol.errors import CloseCode, ProtocolError
+from gateway.security.admission import IpRateLimiter, UserConnections
+from gateway.security.auth import Authenticator, Claims
+from gateway.telemetry import tracing
+from gateway.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     from asyncio import Future
 
     from tornado.iostream import IOStream
 
-    from gateway.session import Session
+    from gateway.core.session import Session
 
 log = logging.getLogger("herald.node")
 

@@ -11,10 +11,10 @@ import abc
 import time
 from typing import Any, ClassVar
 
-from gateway.auth import Claims
 from gateway.broker.base import Position, Publication
-from gateway.errors import CloseCode
-from gateway.outbox import Outbox
+from gateway.core.outbox import Outbox
+from gateway.protocol.errors import CloseCode
+from gateway.security.auth import Claims
 
 
 class Session(abc.ABC):

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import ProtocolError
+from gateway.protocol.errors import ProtocolError
 
 
 def now_iso(ts: float | None = None) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from gateway.errors import ProtocolError
+from gateway.protocol.errors import ProtocolError
 
 MAX_CHANNEL_BYTES = 255
 _CHANNEL_RE = re.compile(r"[A-Za-z0-9_\-:.@=]+")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
-from gateway.ratelimit import TokenBucket
+from gateway.security.ratelimit import TokenBucket
 
 MAX_TRACKED_IPS = 100_000
 

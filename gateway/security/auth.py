@@ -22,7 +22,7 @@ from jwt import PyJWK
 from tornado.httpclient import AsyncHTTPClient
 
 from gateway.config import ConfigError, Settings
-from gateway.errors import ProtocolError
+from gateway.protocol.errors import ProtocolError
 
 log = logging.getLogger("herald.auth")
 

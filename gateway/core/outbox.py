@@ -21,7 +21,7 @@ from typing import Any
 from tornado.iostream import IOStream, StreamClosedError
 
 from gateway.broker.base import Publication
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 # Above this many unsent bytes in the socket buffer, frames queue (and may conflate).
 SOFT_LIMIT = 64 * 1024

@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 
-from gateway import tracing
 from gateway.broker.base import TERMINAL_JOB_EVENTS, Broker, Publication
-from gateway.channels import Access, Namespaces, validate_channel
-from gateway.errors import ProtocolError
+from gateway.protocol.channels import Access, Namespaces, validate_channel
+from gateway.protocol.errors import ProtocolError
+from gateway.telemetry import tracing
 
 EVENT_MAX = 64
 

@@ -11,7 +11,7 @@ OTLP endpoint is given (`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`). Otherwise
 `setup` installs nothing: no SDK provider, no exporter, no thread, and the
 hot paths test the module-level `enabled` flag before building anything.
 
-The publishers (`gateway.publisher`) run in the caller's process and use
+The publishers (`gateway.sdk.publisher`) run in the caller's process and use
 the OpenTelemetry API whatever `enabled` says: they continue the caller's
 current trace when the application configured an SDK, and cost next to
 nothing (a non-recording span, nothing injected) when it did not.

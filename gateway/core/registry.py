@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.broker.base import BrokerUnavailable
 
 if TYPE_CHECKING:
-    from gateway.node import Node
+    from gateway.core.node import Node
 
 log = logging.getLogger("herald.registry")
 

@@ -1,0 +1,3 @@
+"""Python libraries for Herald's users: `publisher` for backends and workers,
+`client` for services that consume channels.
+"""
