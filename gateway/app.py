@@ -5,15 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tornado.httputil import HTTPServerRequest
 from tornado.web import Application, StaticFileHandler
 
 from gateway.core.node import Node
 from gateway.handlers import api, ops, pages
 from gateway.handlers.sse import SseHandler
 from gateway.handlers.websocket import GatewayWebSocket
+from gateway.security.proxies import TrustedProxies
 
 STATIC = Path(__file__).parent / "static"
 CHANNEL = r"(?P<channel>[A-Za-z0-9_\-:.@=]{1,255})"
+
+
+class HeraldApplication(Application):
+    """Tornado's Application, with the client address decided by `HERALD_TRUSTED_PROXIES`.
+
+    `find_handler` is the first thing run for every request, once its
+    headers are in, so every handler, limit and access-log line sees the
+    same, believable address.
+    """
+
+    def __init__(self, routes: list[Any], proxies: TrustedProxies, **settings: Any) -> None:
+        super().__init__(routes, **settings)
+        self.proxies = proxies
+
+    def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> Any:
+        self.proxies.apply(request)
+        return super().find_handler(request, **kwargs)
 
 
 def make_app(node: Node, **overrides: Any) -> Application:
@@ -41,11 +60,11 @@ def make_app(node: Node, **overrides: Any) -> Application:
             (r"/()", pages.DemoPageHandler, {**deps, **static}),
             (r"/demo/token", pages.DemoTokenHandler, deps),
         ]
-    return Application(
+    return HeraldApplication(
         routes,
+        TrustedProxies(settings.trusted_networks),
         # Pings come from the node's one Heartbeat timer (gateway/core/heartbeat.py).
         websocket_ping_interval=0,
         websocket_max_message_size=settings.max_frame_bytes,
-        xheaders=True,
         **overrides,
     )

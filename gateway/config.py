@@ -9,6 +9,7 @@ not at the first client.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import secrets
@@ -94,6 +95,8 @@ class Settings:
     ip_connect_rate: float = 50.0
     ip_connect_burst: int = 200
     max_connections_per_user: int = 100
+    # Proxies (CIDRs) whose X-Forwarded-For / X-Real-IP are believed. Empty = none.
+    trusted_proxies: list[str] = field(default_factory=list)
     # Seconds a client may take to send its HTTP request headers (slowloris guard).
     handshake_timeout: float = 10.0
     max_publish_bytes: int = 262144
@@ -119,6 +122,15 @@ class Settings:
         for name in _NON_NEGATIVE:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be >= 0")
+        self.trusted_networks  # noqa: B018 - a typo in a CIDR fails at start-up
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """`HERALD_TRUSTED_PROXIES` parsed: `10.0.0.0/8`, `192.168.1.7` (one host), `::1/128`."""
+        try:
+            return tuple(ipaddress.ip_network(c, strict=False) for c in self.trusted_proxies)
+        except ValueError as exc:
+            raise ConfigError(f"HERALD_TRUSTED_PROXIES: {exc}") from None
 
     @property
     def production(self) -> bool:

@@ -54,10 +54,11 @@ async def start_gateway(settings: Settings, node: Node | None = None) -> Running
     node = node or Node(settings)
     await node.start()
     app = make_app(node)
+    # No xheaders: the client address is decided by HeraldApplication (trusted proxies only).
     # Bodies are buffered before any handler (or API-key check) runs: bound them.
     # Up to 8x max_publish_bytes a too-large body gets the JSON 413; beyond, a bare 400.
     server = HTTPServer(
-        app, xheaders=True, idle_connection_timeout=settings.handshake_timeout, body_timeout=30,
+        app, idle_connection_timeout=settings.handshake_timeout, body_timeout=30,
         max_body_size=settings.max_publish_bytes * 8,
     )
     sockets = bind_sockets(settings.port, settings.host, family=socket.AF_INET, backlog=4096)

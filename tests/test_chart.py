@@ -99,6 +99,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                  "OTEL_TRACES_SAMPLER_ARG": 0.1},
         "gateway": {
             "autoscale": False, "replicas": 3, "env": "development", "demo": True,
+            "trustedProxies": ["10.244.0.0/16", "192.168.1.7"],
             "extraEnv": [{"name": "HERALD_MAX_SUBSCRIPTIONS", "value": "64"}],
             "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
             "nodeSelector": {"pool": "realtime"},
@@ -298,6 +299,7 @@ def test_realtimegateway_from_values_matches_crd_and_operator(
     env = {e["name"]: e.get("value") for e in custom.raw["env"]}
     assert env["HERALD_ENV"] == "development"
     assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
+    assert env["HERALD_TRUSTED_PROXIES"] == "10.244.0.0/16,192.168.1.7"
 
 
 def test_operator_made_deployment_env(rendered: dict[str, list[dict]]) -> None:

@@ -1,4 +1,4 @@
 """Who may connect and how fast: JWT and API-key checks (`auth`), the
 admission rules shared by every transport (`admission`), token buckets
-(`ratelimit`).
+(`ratelimit`), and which client address to believe (`proxies`).
 """

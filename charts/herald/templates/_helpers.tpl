@@ -221,6 +221,10 @@ Call with (dict "root" $ "operatorDefaults" BOOL).
 - name: HERALD_ALLOWED_ORIGINS
   value: {{ join "," . | quote }}
 {{- end }}
+{{- with $r.Values.gateway.trustedProxies }}
+- name: HERALD_TRUSTED_PROXIES
+  value: {{ join "," . | quote }}
+{{- end }}
 {{- with $r.Values.auth.jwt.algorithms }}
 - name: HERALD_JWT_ALGORITHMS
   value: {{ join "," . | quote }}
