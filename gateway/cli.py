@@ -1,7 +1,15 @@
-"""`herald`: run a gateway, or mint a development token.
+"""`herald`: run a gateway, mint a development token, check a configuration or a token.
 
 herald serve [--host H] [--port P]
 herald token --sub ID [--role admin] [--channels 'job:42,dashboard:*'] [--ttl S]
+herald api-key
+herald check-config
+herald check-token TOKEN        (or - to read it from stdin)
+herald --version
+
+Every failure a user can cause (a bad setting, a port in use, a missing env
+file, no secrets to sign with) ends with one `herald: ...` line on stderr
+and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,9 +18,22 @@ import argparse
 import asyncio
 import dataclasses
 import sys
+import time
 
-from gateway.config import ConfigError, Settings, state_dir, with_dev_secrets
+from gateway import __version__
+from gateway.config import (
+    DEV_SECRETS_FILE,
+    PREFIX,
+    ConfigError,
+    Settings,
+    masked,
+    missing_secrets,
+    sources,
+    state_dir,
+    with_dev_secrets,
+)
 from gateway.protocol.channels import Namespaces
+from gateway.protocol.errors import ProtocolError
 from gateway.security.auth import Authenticator, mint_token
 
 BANNER = """
@@ -30,18 +51,24 @@ BANNER = """
 """
 
 
+def _fail(message: object) -> None:
+    sys.exit(f"herald: {message}")
+
+
 def _settings() -> Settings:
     try:
         return Settings.from_env()
     except ConfigError as exc:
-        sys.exit(f"herald: {exc}")
+        _fail(exc)
+        raise  # unreachable: for type checkers
 
 
-def _with_secrets(settings: Settings) -> tuple[Settings, bool]:
+def _with_secrets(settings: Settings, *, create: bool) -> tuple[Settings, bool]:
     try:
-        return with_dev_secrets(settings)
+        return with_dev_secrets(settings, create=create)
     except ConfigError as exc:
-        sys.exit(f"herald: {exc}")
+        _fail(exc)
+        raise
 
 
 def _check(settings: Settings) -> None:
@@ -50,7 +77,7 @@ def _check(settings: Settings) -> None:
         Namespaces.from_config(settings.namespaces)
         Authenticator(settings)
     except ValueError as exc:  # ConfigError included
-        sys.exit(f"herald: {exc}")
+        _fail(exc)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -60,18 +87,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = dataclasses.replace(settings, **overrides)
-    settings, generated = _with_secrets(settings)
+    settings, generated = _with_secrets(settings, create=True)
     _check(settings)
     configure_logging(settings.log_level)
     _setup_tracing(settings)
-    if generated:
-        host = "localhost" if settings.host in {"0.0.0.0", "::"} else settings.host
-        path = state_dir(settings)
-        print(BANNER.format(path=path, host=host, port=settings.port), file=sys.stderr, flush=True)
+
+    def announce(port: int) -> None:
+        if generated:  # only once the port is bound: a banner for a server that failed misleads
+            host = "localhost" if settings.host in {"0.0.0.0", "::"} else settings.host
+            path = state_dir(settings)
+            print(BANNER.format(path=path, host=host, port=port), file=sys.stderr, flush=True)
+
     try:
-        asyncio.run(serve_forever(settings))
+        asyncio.run(serve_forever(settings, announce))
     except KeyboardInterrupt:
         pass
+    except ConfigError as exc:  # the port, the state directory: judged when used
+        _fail(exc)
     finally:
         from gateway.telemetry import tracing
 
@@ -85,16 +117,29 @@ def _setup_tracing(settings: Settings) -> None:
     try:
         tracing.setup(settings.node_id)
     except ConfigError as exc:
-        sys.exit(f"herald: {exc}")
+        _fail(exc)
+
+
+def _settings_with(secret: str) -> Settings:
+    """Settings holding `secret` (`jwt_secret` or `api_key`) as a running server has it.
+
+    Configured, or read from the development secrets `herald serve` wrote;
+    never freshly generated ones, which no server shares.
+    """
+    settings = _settings()
+    if getattr(settings, secret):
+        return settings
+    return _with_secrets(settings, create=False)[0]
 
 
 def cmd_token(args: argparse.Namespace) -> None:
-    settings, _ = _with_secrets(_settings())
-    if not settings.jwt_secret:
-        sys.exit(
-            "herald: token needs HERALD_JWT_SECRET (an HS256 secret); "
+    settings = _settings()
+    if not settings.jwt_secret and (settings.jwt_public_key or settings.jwt_jwks_url):
+        _fail(
+            "token needs HERALD_JWT_SECRET (an HS256 secret); "
             "with public keys, tokens come from your identity provider"
         )
+    settings = _settings_with("jwt_secret")
     channels = [c.strip() for c in (args.channels or "").split(",") if c.strip()]
     print(
         mint_token(
@@ -113,16 +158,67 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def cmd_api_key(args: argparse.Namespace) -> None:
-    settings, _ = _with_secrets(_settings())
-    print(settings.api_key)
+    print(_settings_with("api_key").api_key)
+
+
+def cmd_check_config(args: argparse.Namespace) -> None:
+    """Validate like `herald serve` would, then print every effective setting and its source.
+
+    Nothing is written: development secrets that do not exist yet are
+    reported as "generated by herald serve", not generated here.
+    """
+    settings = _settings()
+    _check(settings)
+    given = sources()
+    dev = missing_secrets(settings)
+    secrets_path = state_dir(settings) / DEV_SECRETS_FILE
+    try:
+        effective, _ = with_dev_secrets(settings, create=False)
+        dev_origin = f"development secret in {secrets_path}"
+    except ConfigError as exc:
+        if settings.production:
+            _fail(exc)
+        effective, dev_origin = settings, f"herald serve generates it into {secrets_path}"
+    print(f"herald {__version__}: configuration is valid; engine: {effective.broker_engine}")
+    rows = []
+    for f in dataclasses.fields(Settings):
+        name = PREFIX + f.name.upper()
+        origin = given[name][1] if name in given else dev_origin if f.name in dev else "default"
+        rows.append((f"{name}={masked(f.name, getattr(effective, f.name))}", origin))
+    width = max(len(text) for text, _ in rows)
+    for text, origin in rows:
+        print(f"{text:<{width}}  ({origin})")
+
+
+def cmd_check_token(args: argparse.Namespace) -> None:
+    """Verify a token exactly as the gateway does; print its claims, or why it is refused."""
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    settings = _settings()
+    if not (settings.jwt_public_key or settings.jwt_jwks_url):
+        settings = _settings_with("jwt_secret")
+    _check(settings)
+    try:
+        claims = asyncio.run(Authenticator(settings).verify(token))
+    except ProtocolError as exc:
+        _fail(f"rejected: {exc.code}: {exc.message}")
+        raise
+    expires = claims.exp - time.time()
+    print(f"accepted: sub={claims.sub}")
+    print(f"  expires in {expires:.0f} s")
+    print(f"  roles: {', '.join(sorted(claims.roles)) or '(none)'}"
+          + ("  (admin: every channel)" if claims.admin else ""))
+    print(f"  channels claim: {', '.join(claims.channels) or '(none)'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herald", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"herald {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run a gateway (memory engine unless HERALD_REDIS_URL)")
+    serve = sub.add_parser(
+        "serve", help="run a gateway (durable embedded engine unless HERALD_REDIS_URL)"
+    )
     serve.add_argument("--host", help="bind address (HERALD_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (HERALD_PORT, default 8080)")
     serve.set_defaults(func=cmd_serve)
@@ -134,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=cmd_token)
     key = sub.add_parser("api-key", help="print the publisher API key in use")
     key.set_defaults(func=cmd_api_key)
+    check = sub.add_parser(
+        "check-config", help="validate the settings and print them (secrets masked)"
+    )
+    check.set_defaults(func=cmd_check_config)
+    check_token = sub.add_parser("check-token", help="would the gateway accept this token?")
+    check_token.add_argument("token", help="the JWT, or - to read it from stdin (keeps it "
+                             "out of shell history and the process list)")
+    check_token.set_defaults(func=cmd_check_token)
     return parser
 
 

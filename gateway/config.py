@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import secrets
 import socket
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "HERALD_"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,7 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true/false")
 
 
+ENGINES = ("memory", "redis")
 KNOWN_ENVS = frozenset({"development", "dev", "production", "prod"})
 _POSITIVE = (
     "auth_timeout",
@@ -63,7 +66,9 @@ class Settings:
     port: int = 8080
     env: str = "development"
     node_id: str = ""
-    # Broker: unset means the embedded memory engine (one process, no Redis).
+    # Engine: `memory` (embedded, one process) or `redis` (shared by many gateways).
+    # Empty: redis with a URL, else memory.
+    engine: str = ""
     redis_url: str = ""
     redis_prefix: str = "herald:"
     # Authentication of clients (JWT) and publishers (API key).
@@ -114,6 +119,16 @@ class Settings:
         if self.env.lower() not in KNOWN_ENVS:
             # A typo such as `prodution` must not quietly run with generated secrets.
             raise ConfigError(f"HERALD_ENV={self.env!r}: expected development or production")
+        if self.engine and self.engine not in ENGINES:
+            expected = ", ".join(ENGINES)
+            raise ConfigError(f"HERALD_ENGINE={self.engine!r}: expected one of {expected}")
+        if self.engine == "redis" and not self.redis_url:
+            raise ConfigError("HERALD_ENGINE=redis needs HERALD_REDIS_URL")
+        if self.engine and self.engine != "redis" and self.redis_url:
+            # Two settings that disagree: refuse rather than guess which one was meant.
+            raise ConfigError(
+                f"HERALD_ENGINE={self.engine} contradicts HERALD_REDIS_URL (unset one of them)"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"HERALD_PORT={self.port}: expected 0-65535")
         for name in _POSITIVE:
@@ -137,6 +152,11 @@ class Settings:
         return self.env.lower() in {"production", "prod"}
 
     @property
+    def broker_engine(self) -> str:
+        """The engine in use: the explicit setting, else redis with a URL, else memory."""
+        return self.engine or ("redis" if self.redis_url else "memory")
+
+    @property
     def algorithms(self) -> list[str]:
         """Accepted JWT algorithms; never `none`, and never HS* next to a public key."""
         if self.jwt_algorithms:
@@ -149,14 +169,12 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        env_file = environ.get(PREFIX + "ENV_FILE")
-        merged: dict[str, str] = dict(_read_env_file(Path(env_file))) if env_file else {}
-        merged.update(environ)
+        given = sources(environ)
         for f in dataclasses.fields(cls):
             name = PREFIX + f.name.upper()
-            if name not in merged:
+            if name not in given:
                 continue
-            raw = merged[name]
+            raw = given[name][0]
             try:
                 values[f.name] = _parse(f.type, raw)
             except ValueError as exc:
@@ -165,6 +183,33 @@ class Settings:
         if not settings.node_id:
             settings = dataclasses.replace(settings, node_id=_default_node_id())
         return settings
+
+
+_PUBLIC = frozenset({"jwt_public_key"})
+
+
+def is_secret(name: str) -> bool:
+    """Settings whose values never appear in output (`herald check-config`, logs).
+
+    By name, so a new `*_secret` / `*_key` / `*_password` setting is masked
+    without anyone remembering to list it.
+    """
+    return name.endswith(("secret", "password", "key")) and name not in _PUBLIC
+
+
+def masked(name: str, value: Any) -> str:
+    """A setting's value as it may be shown: secrets as `****` and URLs without passwords."""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if text and is_secret(name):
+        return "****"
+    if len(text) > 60:
+        return text[:57] + "..."
+    # redis://user:password@host -> redis://user:****@host
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@/]*@", r"\1****@", text)
 
 
 def _parse(type_name: Any, raw: str) -> Any:
@@ -180,14 +225,54 @@ def _parse(type_name: Any, raw: str) -> Any:
     return raw
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
+def sources(environ: Mapping[str, str] | None = None) -> dict[str, tuple[str, str]]:
+    """Every `HERALD_*` value given, with where it came from (`environment` or the file).
+
+    The env file is read first and the environment wins over it, so a Helm
+    value or a shell export can override a checked-in file.
+    """
+    environ = os.environ if environ is None else environ
+    given: dict[str, tuple[str, str]] = {}
+    env_file = environ.get(PREFIX + "ENV_FILE")
+    if env_file:
+        for name, value in read_env_file(Path(env_file)).items():
+            given[name] = (value, env_file)
+    for name, value in environ.items():
+        if name.startswith(PREFIX):
+            given[name] = (value, "environment")
+    return given
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """`NAME=value` lines, as systemd's EnvironmentFile and a shell's `set -a; . file` read them.
+
+    Blank lines and `#` comments are skipped, a leading `export ` is allowed
+    (so the same file can be sourced by a shell), and one pair of matching
+    quotes around the value is removed. Any other line is an error naming
+    the file and line: a silently skipped line is a setting that is not
+    applied.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"HERALD_ENV_FILE={str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"HERALD_ENV_FILE={str(path)!r}: not UTF-8 text") from None
     values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
+        if not line or line.startswith("#"):
             continue
-        key, _, value = line.partition("=")
-        values[key.strip()] = value.strip().strip('"').strip("'")
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, eq, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not _NAME.fullmatch(key):
+            # The line is not echoed: it may hold a secret written the wrong way.
+            raise ConfigError(f"HERALD_ENV_FILE {path}, line {number}: expected NAME=value")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
     return values
 
 
@@ -206,35 +291,55 @@ def state_dir(settings: Settings) -> Path:
 DEV_SECRETS_FILE = "dev-secrets.json"
 
 
-def with_dev_secrets(settings: Settings) -> tuple[Settings, bool]:
+def missing_secrets(settings: Settings) -> list[str]:
+    """The secret fields a development server fills in: no JWT key of any kind, no API key."""
+    missing = []
+    if not (settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_url):
+        missing.append("jwt_secret")
+    if not settings.api_key:
+        missing.append("api_key")
+    return missing
+
+
+def with_dev_secrets(settings: Settings, *, create: bool = True) -> tuple[Settings, bool]:
     """Fill in a missing JWT secret / API key with development ones.
 
     They are generated once and kept (mode 0600) in the state directory, so
     `herald token` in another terminal signs tokens the server accepts.
     Returns the completed settings and whether anything was generated or
     loaded. Production refuses: a generated key there would silently change
-    on every pod and lock every client out.
+    on every pod and lock every client out. With `create=False` (the
+    commands that only read secrets: `herald token`, `api-key`,
+    `check-token`) a state directory without them is an error: minting with
+    fresh secrets would print a token no running server accepts.
     """
-    needs_jwt = not (settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_url)
-    needs_key = not settings.api_key
-    if not (needs_jwt or needs_key):
+    missing = missing_secrets(settings)
+    if not missing:
         return settings, False
     if settings.production:
-        missing = []
-        if needs_jwt:
-            missing.append("HERALD_JWT_SECRET (or HERALD_JWT_PUBLIC_KEY / HERALD_JWT_JWKS_URL)")
-        if needs_key:
-            missing.append("HERALD_API_KEY")
+        names = {
+            "jwt_secret": "HERALD_JWT_SECRET (or HERALD_JWT_PUBLIC_KEY / HERALD_JWT_JWKS_URL)",
+            "api_key": "HERALD_API_KEY",
+        }
         raise ConfigError(
-            "HERALD_ENV=production needs " + " and ".join(missing) + "; refusing to start"
+            "HERALD_ENV=production needs " + " and ".join(names[key] for key in missing)
+            + "; refusing to start"
         )
     path = state_dir(settings) / DEV_SECRETS_FILE
     stored: dict[str, str] = {}
     if path.exists():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: unreadable development secrets ({exc})") from None
     changed = False
-    for key in ("jwt_secret", "api_key"):
+    for key in missing:
         if not stored.get(key):
+            if not create:
+                raise ConfigError(
+                    f"no development secrets in {path}: start `herald serve` with this "
+                    "HERALD_STATE_DIR first (or set HERALD_JWT_SECRET and HERALD_API_KEY)"
+                )
             stored[key] = secrets.token_urlsafe(32)
             changed = True
     if changed:
@@ -242,9 +347,4 @@ def with_dev_secrets(settings: Settings) -> tuple[Settings, bool]:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(stored, fh)
-    updates: dict[str, str] = {}
-    if needs_jwt:
-        updates["jwt_secret"] = stored["jwt_secret"]
-    if needs_key:
-        updates["api_key"] = stored["api_key"]
-    return dataclasses.replace(settings, **updates), True
+    return dataclasses.replace(settings, **{key: stored[key] for key in missing}), True

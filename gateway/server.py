@@ -7,13 +7,14 @@ import gc
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from gateway.app import make_app
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.core.node import Node
 from gateway.protocol.errors import CloseCode
 
@@ -50,9 +51,20 @@ class RunningGateway:
 
 
 async def start_gateway(settings: Settings, node: Node | None = None) -> RunningGateway:
-    """Start a gateway on `settings.host:settings.port` (port 0 picks a free one)."""
+    """Start a gateway on `settings.host:settings.port` (port 0 picks a free one).
+
+    The port is bound before anything else starts, so a port in use fails at
+    once with a `ConfigError` naming it, before the engine opens its store or
+    its Redis connections.
+    """
+    sockets = _bind(settings)
     node = node or Node(settings)
-    await node.start()
+    try:
+        await node.start()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     app = make_app(node)
     # No xheaders: the client address is decided by HeraldApplication (trusted proxies only).
     # Bodies are buffered before any handler (or API-key check) runs: bound them.
@@ -61,10 +73,20 @@ async def start_gateway(settings: Settings, node: Node | None = None) -> Running
         app, idle_connection_timeout=settings.handshake_timeout, body_timeout=30,
         max_body_size=settings.max_publish_bytes * 8,
     )
-    sockets = bind_sockets(settings.port, settings.host, family=socket.AF_INET, backlog=4096)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     return RunningGateway(node, server, port)
+
+
+def _bind(settings: Settings) -> list[socket.socket]:
+    try:
+        return bind_sockets(settings.port, settings.host, family=socket.AF_INET, backlog=4096)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port}: {reason} "
+            "(choose another with --port or HERALD_PORT)"
+        ) from None
 
 
 def tune_gc() -> None:
@@ -82,9 +104,14 @@ def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD_YOUNG, 20, 20)
 
 
-async def serve_forever(settings: Settings) -> None:
+async def serve_forever(
+    settings: Settings, announce: Callable[[int], None] | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM; `announce(port)` once listening (the CLI's banner)."""
     gateway = await start_gateway(settings)
     tune_gc()
+    if announce is not None:
+        announce(gateway.port)
     log.info("herald gateway %s listening on %s:%d", settings.node_id, settings.host, gateway.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

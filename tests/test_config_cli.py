@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -109,9 +110,24 @@ def test_zero_heartbeat_and_drain_are_allowed():
 
 def test_env_file_is_read_and_environment_wins(tmp_path):
     env_file = tmp_path / "herald.env"
-    env_file.write_text('# comment\nHERALD_PORT=9100\nHERALD_API_KEY="from-file"\n\nnot a line\n')
+    env_file.write_text(
+        '# comment\nHERALD_PORT=9100\nHERALD_API_KEY="from-file"\n\n'
+        "export HERALD_HEARTBEAT=7\nHERALD_NODE_ID='gw-\"q\"'\nHERALD_JWT_ISSUER=\"half\n"
+    )
     s = Settings.from_env({"HERALD_ENV_FILE": str(env_file), "HERALD_PORT": "9200"})
-    assert (s.port, s.api_key) == (9200, "from-file")
+    assert (s.port, s.api_key, s.heartbeat) == (9200, "from-file", 7.0)
+    assert (s.node_id, s.jwt_issuer) == ('gw-"q"', '"half')  # one matching pair removed
+
+
+@pytest.mark.parametrize("line", ["not a line", "HERALD PORT=1", "=s3cret", "9X=1"])
+def test_env_file_bad_line_names_file_and_line(tmp_path, line):
+    """A line that is not NAME=value stops start-up; it is not echoed (it may hold a secret)."""
+    env_file = tmp_path / "herald.env"
+    env_file.write_text(f"HERALD_PORT=9100\n{line}\n")
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"HERALD_ENV_FILE": str(env_file)})
+    assert f"{env_file}, line 2: expected NAME=value" in str(err.value)
+    assert line not in str(err.value)
 
 
 def test_public_key_defaults_to_asymmetric_algorithms():
@@ -208,6 +224,7 @@ def test_serve_with_bad_setting_exits_with_one_line(tmp_path, extra, says):
 
 
 def test_token_and_api_key_share_the_dev_secrets(tmp_path):
+    with_dev_secrets(Settings(state_dir=str(tmp_path)))  # what `herald serve` does first
     tok = herald(tmp_path, "token", "--sub", "alice", "--role", "admin",
                  "--channels", "job:42, dashboard:*", "--ttl", "120")
     assert tok.returncode == 0, tok.stderr
@@ -236,6 +253,126 @@ def test_token_without_a_secret_explains(tmp_path):
     assert result.returncode != 0 and "HERALD_JWT_SECRET" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["token", "--sub", "a"], ["api-key"], ["check-token", "x"]])
+def test_reading_secrets_from_an_empty_state_dir_refuses(tmp_path, command):
+    """Another HERALD_STATE_DIR with no secrets: refuse, never mint with fresh secrets that no
+    running server shares; nothing is written there."""
+    result = herald(tmp_path, *command)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (
+        f"herald: no development secrets in {tmp_path / DEV_SECRETS_FILE}: start `herald serve` "
+        "with this HERALD_STATE_DIR first (or set HERALD_JWT_SECRET and HERALD_API_KEY)"
+    )
+    assert not (tmp_path / DEV_SECRETS_FILE).exists()
+
+
+def test_version(tmp_path):
+    from gateway import __version__
+
+    result = herald(tmp_path, "--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"herald {__version__}")
+
+
+def test_serve_on_a_port_in_use_exits_with_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = herald(tmp_path, "serve", "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"herald: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(choose another with --port or HERALD_PORT)"
+    )
+    assert "Traceback" not in result.stderr
+    assert "DEVELOPMENT mode" not in result.stderr  # no banner for a server that never ran
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["check-config"], ["api-key"]])
+def test_missing_env_file_is_one_line(tmp_path, command):
+    missing = tmp_path / "nope.env"
+    result = herald(tmp_path, *command, HERALD_ENV_FILE=str(missing))
+    assert result.returncode == 1
+    assert result.stderr == f"herald: HERALD_ENV_FILE={str(missing)!r}: No such file or directory\n"
+
+
+def test_check_config_prints_effective_settings_masked(tmp_path):
+    """Env file (with `export`), environment over it, defaults; secrets never printed."""
+    env_file = tmp_path / "herald.env"
+    env_file.write_text(
+        "export HERALD_PORT=18090\nHERALD_API_KEY=file-key-123456\n"
+        "HERALD_REDIS_URL=redis://app:hunter22@redis.test:6379/0\nHERALD_HEARTBEAT=9\n"
+    )
+    result = herald(tmp_path, "check-config", HERALD_ENV_FILE=str(env_file),
+                    HERALD_HEARTBEAT="4", HERALD_JWT_SECRET="env-secret-abcdefghijklmnop")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "configuration is valid; engine: redis" in out.splitlines()[0]
+    rows = {line.split("=", 1)[0]: line for line in out.splitlines()[1:]}
+    assert rows["HERALD_PORT"].split() == ["HERALD_PORT=18090", f"({env_file})"]
+    assert rows["HERALD_HEARTBEAT"].split() == ["HERALD_HEARTBEAT=4.0", "(environment)"]
+    assert rows["HERALD_API_KEY"].split() == ["HERALD_API_KEY=****", f"({env_file})"]
+    assert rows["HERALD_JWT_SECRET"].split() == ["HERALD_JWT_SECRET=****", "(environment)"]
+    assert rows["HERALD_REDIS_URL"].split()[0] == "HERALD_REDIS_URL=redis://app:****@redis.test:6379/0"
+    assert rows["HERALD_AUTH_TIMEOUT"].split() == ["HERALD_AUTH_TIMEOUT=10.0", "(default)"]
+    for secret in ("file-key-123456", "hunter22", "env-secret-abcdefghijklmnop"):
+        assert secret not in out + result.stderr
+    assert not (tmp_path / DEV_SECRETS_FILE).exists()  # checking writes nothing
+
+
+def test_check_config_names_development_secrets_without_creating_them(tmp_path):
+    fresh = herald(tmp_path, "check-config")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "engine: memory" in fresh.stdout.splitlines()[0]
+    rows = dict(line.split("=", 1) for line in fresh.stdout.splitlines()[1:])
+    note = f"(herald serve generates it into {tmp_path / DEV_SECRETS_FILE})"
+    assert rows["HERALD_API_KEY"].strip() == rows["HERALD_JWT_SECRET"].strip() == note
+    assert not (tmp_path / DEV_SECRETS_FILE).exists()
+    stored, _ = with_dev_secrets(Settings(state_dir=str(tmp_path)))
+    again = herald(tmp_path, "check-config")
+    assert f"(development secret in {tmp_path / DEV_SECRETS_FILE})" in again.stdout
+    assert stored.api_key not in again.stdout and stored.jwt_secret not in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"HERALD_ENGINE": "sqlite"}, "HERALD_ENGINE='sqlite': expected one of memory"),
+        ({"HERALD_ENGINE": "redis"}, "HERALD_ENGINE=redis needs HERALD_REDIS_URL"),
+        ({"HERALD_ENGINE": "memory", "HERALD_REDIS_URL": "redis://r"}, "contradicts"),
+        ({"HERALD_NAMESPACES": "{oops"}, "HERALD_NAMESPACES is not valid"),
+    ],
+)
+def test_check_config_refuses_what_serve_refuses(tmp_path, extra, says):
+    result = herald(tmp_path, "check-config", **extra)
+    assert result.returncode == 1 and result.stdout == ""
+    assert says in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_check_token_says_accepted_or_why_not(tmp_path):
+    settings, _ = with_dev_secrets(Settings(state_dir=str(tmp_path)))
+    good = herald(tmp_path, "token", "--sub", "dana", "--role", "admin",
+                  "--channels", "job:42", "--ttl", "600").stdout.strip()
+    ok = subprocess.run([*herald_cmd(), "check-token", "-"], input=good + "\n",
+                        env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[0] == "accepted: sub=dana"
+    assert "roles: admin" in ok.stdout and "channels claim: job:42" in ok.stdout
+    assert 590 <= int(lines[1].split()[2]) <= 600
+    expired = jwt.encode({"sub": "dana", "exp": 1000}, settings.jwt_secret, algorithm="HS256")
+    forged = jwt.encode({"sub": "dana", "exp": 2**40}, "not-the-secret" * 4, algorithm="HS256")
+    no_sub = jwt.encode({"exp": 2**40}, settings.jwt_secret, algorithm="HS256")
+    for token, why in [
+        (expired, "token_expired: token has expired"),
+        (forged, "unauthorized: token signature is invalid"),
+        (no_sub, "unauthorized: token lacks claim 'sub'"),
+        ("garbage", "unauthorized: token is not a JWT"),
+    ]:
+        result = herald(tmp_path, "check-token", token)
+        assert (result.returncode, result.stderr) == (1, f"herald: rejected: {why}\n")
+
+
 def test_token_requires_sub(tmp_path):
     result = herald(tmp_path, "token")
     assert result.returncode == 2 and "--sub" in result.stderr
@@ -243,9 +380,9 @@ def test_token_requires_sub(tmp_path):
 
 async def test_token_from_cli_is_accepted_by_the_server(tmp_path, ws_client):
     """`herald token` output verifies against a server using the same state dir."""
+    settings, _ = with_dev_secrets(Settings(host="127.0.0.1", port=0, state_dir=str(tmp_path)))
     tok = herald(tmp_path, "token", "--sub", "carol", "--role", "admin",
                  "--channels", "dashboard:*")
-    settings, _ = with_dev_secrets(Settings(host="127.0.0.1", port=0, state_dir=str(tmp_path)))
     gw = await start_gateway(dataclasses.replace(settings, node_id="gw-cli"))
     try:
         client = await ws_client(gw, tok.stdout.strip(), handshake=False)
