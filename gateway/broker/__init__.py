@@ -9,8 +9,8 @@ __all__ = ["Broker", "BrokerUnavailable", "History", "Publication", "Snapshot", 
 
 
 def create_broker(settings: Settings) -> Broker:
-    """The memory engine unless a Redis URL is configured."""
-    if settings.redis_url:
+    """The engine `settings.broker_engine` names (`HERALD_ENGINE`, else by `HERALD_REDIS_URL`)."""
+    if settings.broker_engine == "redis":
         from gateway.broker.redis import RedisBroker
 
         return RedisBroker(settings.redis_url, prefix=settings.redis_prefix)
