@@ -27,7 +27,7 @@ from herald_operator.kube import Kube, path
 from herald_operator.policy import Decision, History, Load, clamp, decide
 from herald_operator.rebalance import DELETION_COST, NodeLoad, deletion_costs, shed_plan
 from herald_operator.registry import NodeStats, RegistryPool, RegistryUnavailable
-from herald_operator.spec import GatewaySpec, SpecError, parse_spec
+from herald_operator.spec import GatewaySpec, SpecError, applied_spec, dropped_fields, parse_spec
 
 log = logging.getLogger("herald.operator")
 
@@ -144,6 +144,7 @@ async def reconcile(ctx: Context, body: Mapping[str, Any], now: float) -> Outcom
         out.status["conditions"] = conditions.as_list()
         return out
     conditions.set("SpecValid", True, "Valid")
+    _check_applied(meta, body.get("spec"), conditions, out)
 
     pods = _live_pods(await ctx.kube.list(path("v1", "pods", namespace),
                                           manifests.selector_labels(name)))
@@ -213,6 +214,22 @@ async def reconcile(ctx: Context, body: Mapping[str, Any], now: float) -> Outcom
             "reportingNodes": len(nodes),
         })
     return out
+
+
+def _check_applied(meta: Mapping[str, Any], stored: Any, conditions: Conditions,
+                   out: Outcome) -> None:
+    """Say so when the API server dropped fields of the applied spec (unknown to the CRD)."""
+    applied = applied_spec(meta)
+    if applied is None:
+        return
+    dropped = dropped_fields(applied, stored or {})
+    if not dropped:
+        conditions.set("SpecApplied", True, "AsApplied")
+        return
+    message = (f"the API server dropped {', '.join(dropped[:10])}: not in the "
+               "RealtimeGateway schema (misspelt?), so not in effect")
+    if conditions.set("SpecApplied", False, "UnknownFields", message):
+        out.event("UnknownFields", message, warning=True)
 
 
 async def _read_registry(ctx: Context, spec: GatewaySpec, name: str, namespace: str,
@@ -286,8 +303,9 @@ async def _ensure(ctx: Context, out: Outcome, kind: str, url: str,
         created = await ctx.kube.create(collection, desired)
         out.event("Created", f"created {kind} {namespace}/{name}")
         return created
-    wanted = {"metadata": {k: desired["metadata"][k] for k in ("labels", "ownerReferences")},
-              "spec": desired["spec"]}
+    # ownerReferences are set on create only: changing them later needs `delete` on the
+    # child (OwnerReferencesPermissionEnforcement), which the operator is not granted.
+    wanted = {"metadata": {"labels": desired["metadata"]["labels"]}, "spec": desired["spec"]}
     if "annotations" in desired["metadata"]:
         wanted["metadata"]["annotations"] = desired["metadata"]["annotations"]
     paths = manifests.drift(wanted, actual)

@@ -10,6 +10,8 @@ refused with the path of the bad field instead of a crash halfway through.
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,47 @@ from herald_operator.crd import SPEC_SCHEMA
 
 class SpecError(ValueError):
     """The spec cannot be acted on; the message names the field."""
+
+
+# What `kubectl apply` records of the manifest it sent, unknown fields included.
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def applied_spec(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The spec as last applied with kubectl, or None when unknown (not applied, or garbled)."""
+    raw = (metadata.get("annotations") or {}).get(LAST_APPLIED)
+    if not raw:
+        return None
+    try:
+        spec = json.loads(raw).get("spec")
+    except (ValueError, AttributeError):
+        return None
+    return spec if isinstance(spec, dict) else None
+
+
+def dropped_fields(applied: Any, stored: Any, where: str = "spec") -> list[str]:
+    """Paths set in what was applied and absent from what the API server stored.
+
+    The API server prunes fields its structural schema does not declare (a typo
+    such as `minReplica`), silently unless the client shows the warning: the
+    operator reports them so the user learns the setting never took effect."""
+    if isinstance(applied, dict):
+        if not isinstance(stored, dict):
+            return []
+        found: list[str] = []
+        for key, value in applied.items():
+            path = f"{where}.{key}"
+            if key not in stored:
+                found.append(path)
+            else:
+                found += dropped_fields(value, stored[key], path)
+        return found
+    if isinstance(applied, list) and isinstance(stored, list) and len(applied) == len(stored):
+        found = []
+        for i, (a, s) in enumerate(zip(applied, stored, strict=True)):
+            found += dropped_fields(a, s, f"{where}[{i}]")
+        return found
+    return []
 
 
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:

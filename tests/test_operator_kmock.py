@@ -1,8 +1,11 @@
 """The operator process (kopf, `herald-operator run`) against kmock and a real Redis.
 
-No cluster exists here: kmock is the Kubernetes API; `FleetController` plays
-the ReplicaSet controller; the registry entries are written with redis-py
-exactly as gateways write them.
+No cluster exists here: kmock is the Kubernetes API, enforcing the RBAC the
+chart renders for the operator, the owner-reference admission rule and the
+CRD's structural schema (tests/operator_harness.py): every test here fails if
+the operator makes a request the chart's Role does not grant.
+`FleetController` plays the ReplicaSet controller; the registry entries are
+written with redis-py exactly as gateways write them.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import redis
 
 from herald_operator.rebalance import DELETION_COST
 from tests.conftest import free_port
+from herald_operator.spec import LAST_APPLIED
 from tests.operator_harness import (
     GATEWAYS,
     NAMESPACE,
     Api,
     FleetController,
     OperatorProcess,
+    chart_authorizer,
     gateway_path,
     kube_server,
     ns_path,
@@ -422,3 +427,56 @@ async def _replicas_are(api: Api, count: int) -> bool:
 async def _status_is(api: Api, key: str, value: Any) -> dict[str, Any] | None:
     status = await _status(api, key)
     return status if status and status[key] == value else None
+
+
+def _without_finalizers(rules: list[dict[str, Any]]) -> None:
+    for rule in rules:
+        rule["resources"] = [r for r in rule["resources"] if r != "realtimegateways/finalizers"]
+
+
+async def test_the_role_without_finalizers_is_refused_naming_the_rule(tmp_path, redis_url):
+    """The other way round: with `realtimegateways/finalizers` taken out of the chart's
+    Role, a hardened API server refuses the children, and the stand-in says which rule."""
+    authorizer = chart_authorizer(edit=_without_finalizers)
+    async with kube_server(authorizer, expect_denials=True) as api:
+        proc = OperatorProcess(api, tmp_path, "--standalone", "--interval", "1",
+                               "--metrics-port", "0", redis_url=redis_url)
+        try:
+            await api.post(GATEWAYS, gateway())
+
+            async def refused() -> list[str]:
+                return api.handler.denials
+            (denial, *_) = await wait_for(refused, "a refusal", proc=proc)
+            assert "cannot set blockOwnerDeletion" in denial
+            assert "missing rule: {apiGroups: [herald.io], resources: " \
+                   "[realtimegateways/finalizers], verbs: [update]}" in denial
+            assert await deployment(api) is None
+            with pytest.raises(AssertionError, match="realtimegateways/finalizers"):
+                api.handler.assert_allowed()
+        finally:
+            await proc.stop()
+
+
+async def test_unknown_spec_fields_are_pruned_and_reported(api, operator):
+    """`minReplica` (a typo) is dropped by the API server as a real one does; the operator
+    compares kubectl's record of the applied manifest with what was stored and warns."""
+    proc = operator()
+    body = gateway(minReplica=4, service={"port": 80, "portt": 81})
+    body["metadata"]["annotations"] = {LAST_APPLIED: orjson.dumps(body).decode()}
+    created = await api.post(GATEWAYS, body)
+    assert "minReplica" not in created["spec"] and "portt" not in created["spec"]["service"]
+    assert created["spec"]["minReplicas"] == 2  # defaulted by the server
+    cond = await wait_for(lambda: _condition(api, "SpecApplied", "False"),
+                          "SpecApplied=False", proc=proc)
+    assert cond["reason"] == "UnknownFields"
+    assert "spec.minReplica," in cond["message"] and "spec.service.portt" in cond["message"]
+    (event,) = await wait_for(lambda: events(api, "UnknownFields"), "an UnknownFields event")
+    assert event["type"] == "Warning"
+    # Fixed and re-applied: the condition clears, and the fleet follows the real field.
+    fixed = gateway(minReplicas=4)
+    await api.patch(gateway_path("gw"), {
+        "metadata": {"annotations": {LAST_APPLIED: orjson.dumps(fixed).decode()}},
+        "spec": {"minReplicas": 4, "service": {"port": 80}}})
+    await wait_for(lambda: _condition(api, "SpecApplied", "True"), "SpecApplied=True",
+                   proc=proc)
+    await wait_for(lambda: _replicas_are(api, 4), "4 replicas", proc=proc)
