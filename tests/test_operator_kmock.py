@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from herald_operator.rebalance import DELETION_COST
-from tests.conftest import free_port
 from herald_operator.spec import LAST_APPLIED
+from tests.conftest import free_port
 from tests.operator_harness import (
     GATEWAYS,
     NAMESPACE,
