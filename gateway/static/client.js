@@ -5,6 +5,12 @@
 //   herald.on("state", (state) => console.log(state));
 //   herald.subscribe("job:42", { onMessage: (m) => ..., onState: (s) => ... });
 //   herald.connect();
+//   const result = await herald.rpc("jobs.cancel", { id: 42 });   // queued while offline
+//   await herald.publish("room:1", "chat", { text: "hi" });
+//
+// This file is both the gateway's `/client.js` and the npm package
+// `@herald/client` (clients/js builds its dist/ from it): one source, so the
+// two cannot drift. Its types are clients/js/src/index.d.ts.
 //
 // What it guarantees (see docs/client.md): every channel's messages reach
 // the callbacks once each, in offset order, across reconnects; when the
@@ -15,7 +21,7 @@
 // streams.
 
 export const STATES = Object.freeze([
-  "connecting", "connected", "reconnecting", "fallback:sse", "fallback:poll", "offline",
+  "connecting", "connected", "reconnecting", "fallback:sse", "fallback:poll", "offline", "failed",
 ]);
 
 const TRANSPORTS = ["ws", "sse", "poll"];
@@ -28,7 +34,26 @@ const DEFAULTS = {
   openTimeoutMs: 8000,      // a transport that has not said `connected` by then failed
   retryWebSocketMs: 300000, // in a fallback, try the WebSocket again after this
   historyLimit: 1000,
+  maxAttempts: Infinity,    // consecutive failed tries before giving up (state `failed`)
+  maxQueue: 100,            // rpc/publish calls held while offline; more reject with `queue_full`
+  requestTimeoutMs: 10000,  // an rpc/publish sent without an answer by then rejects with `timeout`
+  debug: false,             // log states, retries and frames to the console
 };
+
+/**
+ * A refused or failed `rpc`/`publish` (or a client that gave up): `code` is
+ * the protocol's error code (`forbidden`, `not_found`, `unavailable`...) or
+ * one of the client's own: `queue_full`, `timeout`, `disconnected` (sent,
+ * then the connection dropped: outcome unknown), `closed`, `failed`.
+ */
+export class HeraldError extends Error {
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.name = "HeraldError";
+    this.code = code;
+    this.detail = message;
+  }
+}
 
 /** Decode a JWT's payload without verifying it (the server verifies). */
 function jwtPayload(token) {
@@ -65,12 +90,17 @@ export class HeraldClient {
    */
   constructor(options = {}) {
     this.options = { ...DEFAULTS, ...options };
+    // Outside browsers (Node with the `ws` package as WebSocket) there may be no EventSource.
+    this.options.transports = this.options.transports.filter((t) => t !== "sse" || typeof EventSource !== "undefined");
     this.url = (options.url || globalThis.location.origin).replace(/\/$/, "");
     this.token = options.token || null;
     this.user = null;
     this.state = "offline";
     this.transport = null;
-    this.stats = { reconnects: 0, duplicates: 0, gapsFilled: 0, resets: 0, refreshes: 0, toldToReconnect: 0 };
+    this.stats = {
+      reconnects: 0, duplicates: 0, gapsFilled: 0, resets: 0, refreshes: 0, toldToReconnect: 0,
+      latency: null, connectedAt: null, lastMessageAt: null,
+    };
     this._channels = new Map();
     this._handlers = new Map();
     this._transportIndex = 0;
@@ -82,6 +112,10 @@ export class HeraldClient {
     this._stopped = true;
     this._nextId = 1;
     this._pending = new Map(); // request id -> channel, to route errors
+    this._requests = new Map(); // rpc/publish id -> {frame, resolve, reject, timer}, sent
+    this._queue = [];           // rpc/publish calls waiting for a connection
+    this._failures = 0;         // consecutive tries that did not connect (maxAttempts)
+    this._pings = new Map();    // ping id -> sent at (latency)
     this._onOnline = () => { if (!this._stopped) this._reopen(0); };
     this._onOffline = () => { if (!this._stopped) this._down(null, "offline"); };
   }
@@ -113,9 +147,27 @@ export class HeraldClient {
     return { unsubscribe: () => this._unsubscribe(ch, callbacks) };
   }
 
+  /**
+   * Call the application's RPC hook (PROTOCOL.md: `rpc`). Resolves with its
+   * `result`; rejects with a HeraldError. Made while offline, the call waits
+   * in a bounded queue (`maxQueue`) and is sent once connected.
+   */
+  rpc(method, params = {}, { timeoutMs } = {}) {
+    return this._request({ type: "rpc", method, params }, timeoutMs);
+  }
+
+  /**
+   * Publish from the browser where the channel's namespace allows it.
+   * Resolves with `{channel, epoch, offset}`; rejects with a HeraldError.
+   */
+  publish(channel, event, data, { timeoutMs } = {}) {
+    return this._request({ type: "publish", channel, event, data }, timeoutMs);
+  }
+
   connect() {
     if (!this._stopped) return this;
     this._stopped = false;
+    this._failures = 0;
     globalThis.addEventListener?.("online", this._onOnline);
     globalThis.addEventListener?.("offline", this._onOffline);
     this._setState("connecting");
@@ -129,6 +181,7 @@ export class HeraldClient {
     globalThis.removeEventListener?.("offline", this._onOffline);
     this._clearTimers();
     this._closeConn();
+    this._rejectAll("closed", "the client was closed");
     this._setState("offline");
   }
 
@@ -144,7 +197,12 @@ export class HeraldClient {
     if (state === this.state) return;
     const previous = this.state;
     this.state = state;
+    this._log("state", previous, "->", state);
     this._emit("state", state, previous);
+  }
+
+  _log(...args) {
+    if (this.options.debug) console.debug("herald:", ...args);
   }
 
   _callListeners(ch, method, ...args) {
@@ -174,7 +232,8 @@ export class HeraldClient {
       try { this.token = await this.options.getToken(); } catch (err) { this._emit("error", err); }
     }
     if (!this.token) {
-      if (!this.options.getToken) { this._fail("no token"); return; }
+      if (!this.options.getToken) { this._fail("unauthorized", "no token"); return; }
+      if (this._failed()) return;
       this._setState("reconnecting"); // getToken failed: try again later
       this._reopen(null);
       return;
@@ -191,6 +250,13 @@ export class HeraldClient {
     const conn = this._conn;
     this._conn = null;
     if (conn) conn.close();
+    this._pings.clear();
+    // Sent but unanswered: the outcome is unknown, so the caller decides (never re-sent).
+    for (const [id, req] of this._requests) {
+      this._requests.delete(id);
+      clearTimeout(req.timer);
+      req.reject(new HeraldError("disconnected", "the connection dropped before the answer; outcome unknown"));
+    }
   }
 
   /** Reopen after `delay` ms (null: exponential backoff with full jitter). */
@@ -205,7 +271,7 @@ export class HeraldClient {
       this._attempt += 1;
     }
     this._plannedDelay = null;
-    this.stats.reconnects += 1;
+    this._log("reconnecting in", delay, "ms");
     this._later(delay, () => this._open());
   }
 
@@ -217,6 +283,7 @@ export class HeraldClient {
     if (conn && conn !== this._conn) return; // an old transport's late news
     this._closeConn();
     if (this._stopped) return;
+    this._log("transport down:", reason, code ?? "");
     if (reason === "offline" || globalThis.navigator?.onLine === false) {
       this._setState("offline");
       return; // the "online" event reopens
@@ -224,7 +291,7 @@ export class HeraldClient {
     const exp = this.token ? jwtPayload(this.token).exp : 0;
     if (code === 4001 || (exp && exp * 1000 <= Date.now())) {
       // Unauthorized or expired: only a fresh token helps.
-      if (!this.options.getToken) { this._fail("unauthorized"); return; }
+      if (!this.options.getToken) { this._fail("unauthorized", "unauthorized"); return; }
       this.token = null;
       this._setState("reconnecting");
       this._reopen(null);
@@ -239,8 +306,17 @@ export class HeraldClient {
         return;
       }
     }
+    if (!opened && this._failed()) return;
     this._setState("reconnecting");
     this._reopen(null);
+  }
+
+  /** Count one failed try; true when that was the last one `maxAttempts` allows. */
+  _failed() {
+    this._failures += 1;
+    if (this._failures < this.options.maxAttempts) return false;
+    this._fail("failed", `gave up after ${this._failures} failed attempts`, "failed");
+    return true;
   }
 
   _retryFirstTransport() {
@@ -259,20 +335,25 @@ export class HeraldClient {
     }
   }
 
-  _fail(reason) {
-    this._emit("error", { code: "unauthorized", message: reason });
+  _fail(code, message, state = "offline") {
+    this._emit("error", { code, message });
     this._stopped = true;
     this._clearTimers();
     this._closeConn();
-    this._setState("offline");
+    this._rejectAll(code, message);
+    this._setState(state);
   }
 
   _onConnected(frame, stateName) {
     this._attempt = 0;
+    this._failures = 0;
+    if (this.stats.connectedAt !== null) this.stats.reconnects += 1; // a successful re-connection
+    this.stats.connectedAt = Date.now();
     this.user = frame.user || this.user;
     this._setState(stateName);
     this._scheduleRefresh(frame.expires);
     this._emit("connected", frame);
+    this._flushQueue();
   }
 
   _scheduleRefresh(expires) {
@@ -303,12 +384,17 @@ export class HeraldClient {
     let pinger = null;
     const conn = {
       kind: "ws",
-      send: (obj) => { if (ws.readyState === 1) ws.send(JSON.stringify(obj)); },
+      send: (obj) => {
+        if (ws.readyState !== 1) return false;
+        ws.send(JSON.stringify(obj));
+        return true;
+      },
       close: () => { clearInterval(pinger); clearTimeout(timeout); ws.onclose = null; try { ws.close(1000); } catch { /* closing */ } },
     };
     this._conn = conn;
     const timeout = setTimeout(() => this._down(conn, "open timeout"), this.options.openTimeoutMs);
     ws.onopen = () => conn.send({ type: "auth", token: this.token });
+    ws.onerror = () => {}; // `close` follows and says what happened (an unheard error throws in Node's ws)
     ws.onclose = (ev) => { clearInterval(pinger); clearTimeout(timeout); this._down(conn, "closed", { opened, code: ev.code }); };
     ws.onmessage = (ev) => {
       lastFrame = Date.now();
@@ -321,9 +407,10 @@ export class HeraldClient {
         // Browsers hide WebSocket pings: an application ping shows a dead link.
         pinger = setInterval(() => {
           if (Date.now() - lastFrame > 2 * beat + 5000) ws.close(4000, "no answer");
-          else conn.send({ type: "ping" });
+          else this._ping(conn);
         }, beat);
         conn.ready = true;
+        this._ping(conn); // a first latency figure now, not a heartbeat later
         this._onConnected(frame, "connected");
         for (const ch of this._channels.values()) {
           if (ch.name !== `user:${this.user}`) this._sendSubscribe(ch); // that one is automatic
@@ -332,6 +419,13 @@ export class HeraldClient {
       }
       this._onFrame(frame);
     };
+  }
+
+  _ping(conn) {
+    const id = this._nextId++;
+    this._pings.set(id, Date.now());
+    if (this._pings.size > 8) this._pings.delete(this._pings.keys().next().value); // unanswered
+    conn.send({ type: "ping", id });
   }
 
   _sendSubscribe(ch) {
@@ -392,6 +486,7 @@ export class HeraldClient {
         if (this.state !== "fallback:poll") this._onConnected({ expires: jwtPayload(this.token).exp }, "fallback:poll");
         this._later(this.options.pollIntervalMs, tick);
       } else if (!(await this._gatewayAnswers())) {
+        if (this.state !== "fallback:poll" && this._failed()) return;
         this._setState("reconnecting");
         const wait = backoffDelay(this._attempt++, this.options.backoffInitialMs, this.options.backoffMaxMs);
         this._later(Math.max(wait, this.options.pollIntervalMs), tick);
@@ -407,17 +502,31 @@ export class HeraldClient {
   // -- frames -------------------------------------------------------------
 
   _onFrame(frame) {
+    if (this.options.debug && frame.type !== "message") this._log("frame", frame);
     switch (frame.type) {
       case "message": this._onMessage(frame); break;
+      case "pong": this._onPong(frame); break;
+      case "rpc": this._settle(frame.id, (req) => req.resolve(frame.result)); break;
+      case "published":
+        this._settle(frame.id, (req) => req.resolve({ channel: frame.channel, epoch: frame.epoch, offset: frame.offset }));
+        break;
       case "subscribed": this._onSubscribed(frame); break;
       case "authenticated": this.stats.refreshes += 1; this._scheduleRefresh(frame.expires); break;
       case "reconnect": this._plannedDelay = Math.max(0, frame.after_ms || 0); break;
       case "error": this._onError(frame); break;
-      default: break; // pong, unsubscribed, and types added later
+      default: break; // unsubscribed, and types added later
     }
   }
 
+  _onPong(frame) {
+    const sentAt = this._pings.get(frame.id);
+    if (sentAt === undefined) return;
+    this._pings.delete(frame.id);
+    this.stats.latency = Date.now() - sentAt;
+  }
+
   _onError(frame) {
+    if (this._settle(frame.id, (req) => req.reject(new HeraldError(frame.code, frame.message || "")))) return;
     const name = frame.channel || this._pending.get(frame.id);
     this._pending.delete(frame.id);
     const ch = name && this._channels.get(name);
@@ -470,7 +579,12 @@ export class HeraldClient {
       this._fill(ch);
       return;
     }
+    this._deliver(ch, msg);
+  }
+
+  _deliver(ch, msg) {
     ch.offset = msg.offset;
+    this.stats.lastMessageAt = Date.now();
     this._callListeners(ch, "onMessage", msg);
     this._emit("message", msg);
   }
@@ -517,9 +631,7 @@ export class HeraldClient {
 
   _deliverCaughtUp(ch, msg) {
     if (msg.epoch !== ch.epoch || msg.offset <= ch.offset) return;
-    ch.offset = msg.offset;
-    this._callListeners(ch, "onMessage", msg);
-    this._emit("message", msg);
+    this._deliver(ch, msg);
   }
 
   async _refused(ch, res) {
@@ -527,6 +639,81 @@ export class HeraldClient {
     try { body = await res.json(); } catch { /* not JSON */ }
     this._callListeners(ch, "onError", { code: body.error || "forbidden", message: body.message || "" });
     return "refused";
+  }
+
+  // -- rpc and publish ----------------------------------------------------
+
+  _request(frame, timeoutMs) {
+    return new Promise((resolve, reject) => {
+      const req = { frame, resolve, reject, timeoutMs: timeoutMs ?? this.options.requestTimeoutMs, timer: null };
+      if (this._sendRequest(req)) return;
+      if (this._queue.length >= this.options.maxQueue) {
+        reject(new HeraldError("queue_full", `${this._queue.length} calls already wait for a connection (maxQueue)`));
+        return;
+      }
+      this._queue.push(req);
+      this._log("queued", frame.type, `(${this._queue.length} waiting)`);
+    });
+  }
+
+  /** Send now if a transport can carry it (WebSocket frame, or HTTP in a fallback). */
+  _sendRequest(req) {
+    const conn = this._conn;
+    if (!conn || this._stopped) return false;
+    if (conn.kind === "ws") {
+      if (!conn.ready) return false;
+      const id = this._nextId++;
+      this._requests.set(id, req);
+      req.timer = setTimeout(() => this._settle(id, (r) =>
+        r.reject(new HeraldError("timeout", `no answer within ${req.timeoutMs} ms`))), req.timeoutMs);
+      conn.send({ ...req.frame, id });
+      return true;
+    }
+    if (this.state !== "fallback:sse" && this.state !== "fallback:poll") return false;
+    this._httpRequest(req);
+    return true;
+  }
+
+  /** The HTTP twins of `rpc` and `publish` for SSE and polling (PROTOCOL.md). */
+  async _httpRequest(req) {
+    const { frame } = req;
+    const [path, body] = frame.type === "rpc"
+      ? ["/api/v1/rpc", { method: frame.method, params: frame.params }]
+      : [`/api/v1/channels/${frame.channel}/publish`, { event: frame.event, data: frame.data }];
+    try {
+      const res = await fetch(this.url + path, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${this.token}`, "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+        signal: AbortSignal.timeout(req.timeoutMs),
+      });
+      let reply = {};
+      try { reply = await res.json(); } catch { /* not JSON */ }
+      if (!res.ok) { req.reject(new HeraldError(reply.error || "unavailable", reply.message || `HTTP ${res.status}`)); return; }
+      req.resolve(frame.type === "rpc" ? reply.result : reply);
+    } catch (err) {
+      const timedOut = err && (err.name === "TimeoutError" || err.name === "AbortError");
+      req.reject(new HeraldError(timedOut ? "timeout" : "disconnected", String(err && err.message || err)));
+    }
+  }
+
+  /** Settle the request with this id, if it is ours; true when it was. */
+  _settle(id, fn) {
+    const req = id === undefined ? undefined : this._requests.get(id);
+    if (!req) return false;
+    this._requests.delete(id);
+    clearTimeout(req.timer);
+    fn(req);
+    return true;
+  }
+
+  _flushQueue() {
+    while (this._queue.length && this._sendRequest(this._queue[0])) this._queue.shift();
+  }
+
+  _rejectAll(code, message) {
+    const queued = this._queue.splice(0);
+    for (const req of queued) req.reject(new HeraldError(code, message));
   }
 
   // -- adding and removing channels ---------------------------------------
