@@ -11,61 +11,27 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Page
 
 from gateway.sdk.publisher import RedisPublisher
+from tests.browser import open_page, until
 from tests.support import publish
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-quic", "--no-first-run",
-    "--disable-component-update", "--disable-sync",
-]
 # The page's client, tuned so a restart is noticed and retried quickly.
 FAST = "backoffMaxMs=1000&openTimeoutMs=4000&pollIntervalMs=300"
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def chromium() -> str:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed (./dev.sh test installs it)")
-    return CHROMIUM
-
-
 @pytest.fixture
 async def page() -> AsyncIterator[Page]:
-    executable = chromium()
-    profile = tempfile.mkdtemp(prefix="herald-chromium-")
-    try:
-        async with async_playwright() as pw:
-            context = await pw.chromium.launch_persistent_context(
-                profile, executable_path=executable, headless=True, args=FLAGS,
-                viewport={"width": 1280, "height": 900},
-            )
-            pg = await context.new_page()
-            errors: list[str] = []
-            pg.on("pageerror", lambda exc: errors.append(str(exc)))
-            yield pg
-            await context.close()
-            assert errors == [], errors  # no uncaught exception in the page
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-async def until(pg: Page, expression: str, timeout: float = 30.0) -> Any:
-    """Wait until a JS expression is truthy in the page; returns its value."""
-    handle = await pg.wait_for_function(expression, timeout=timeout * 1000)
-    return await handle.json_value()
+    async with open_page() as pg:
+        yield pg
 
 
 async def page_offsets(pg: Page, channel: str) -> list[int]:
