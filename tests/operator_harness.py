@@ -56,6 +56,8 @@ import orjson
 import redis
 import yaml
 
+from gateway.cluster.keys import RegistryKeys
+from gateway.cluster.record import TTL, NodeRecord
 from herald_operator.crd import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
 from herald_operator.rebalance import DELETION_COST
 from tests.kube_policy import (
@@ -448,13 +450,14 @@ class OperatorProcess:
 def write_node(client: redis.Redis, node: str, connections: int, *, prefix: str = "herald:",
                msgs_out: float = 0.0, ready: bool = True, draining: bool = False,
                updated: float | None = None) -> None:
-    """One gateway's registry entry, exactly as the gateways write it."""
+    """One gateway's registry entry, in the contract's own keys and record format."""
     now = time.time() if updated is None else updated
-    entry = {"node": node, "pod": node, "ip": "127.0.0.1", "connections": connections,
-             "subscriptions": connections, "channels": 1, "msgs_in_per_s": 0.0,
-             "msgs_out_per_s": msgs_out, "draining": draining, "ready": ready, "updated": now}
-    client.set(f"{prefix}node:{node}", orjson.dumps(entry), ex=10)
-    client.zadd(f"{prefix}nodes", {node: now})
+    record = NodeRecord(node=node, pod=node, ip="127.0.0.1", connections=connections,
+                        subscriptions=connections, channels=1, msgs_out_per_s=msgs_out,
+                        draining=draining, ready=ready, updated=now)
+    keys = RegistryKeys(prefix)
+    client.set(keys.node(node), orjson.dumps(record.to_dict()), px=int(TTL * 1000))
+    client.zadd(keys.nodes, {node: now})
 
 
 Spawner = Callable[[str], Awaitable[Any]]

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
-from gateway.broker.base import Broker, Publication, Snapshot
+from gateway.broker.base import Broker
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
 from gateway.protocol.channels import Access, Namespace
 from gateway.protocol.errors import ProtocolError
+from gateway.protocol.publication import Publication
 
 JOB = Namespace("job", Access.OWNER, history_size=5, history_ttl=3600, state=True)
 USER = Namespace("user", Access.USER, history_size=100, history_ttl=3600)
@@ -26,15 +26,19 @@ SHORT = Namespace("public", Access.AUTHENTICATED, history_size=10, history_ttl=1
 class Recorder:
     def __init__(self) -> None:
         self.pubs: list[Publication] = []
-        self.resets: list[tuple[str, Snapshot]] = []
+        # Each time the engine said its fan-in of these channels resumed.
+        self.resubscribed: list[list[str]] = []
         self.arrived = asyncio.Event()
 
     def on_pub(self, pub: Publication) -> None:
         self.pubs.append(pub)
         self.arrived.set()
 
-    def on_reset(self, channel: str, snap: Snapshot) -> None:
-        self.resets.append((channel, snap))
+    async def on_resubscribed(self, channels: list[str]) -> None:
+        # What the engine had handed over when it asked: nothing received
+        # since the interruption may come before the gap is closed.
+        self.resubscribed.append(sorted(channels))
+        self.pubs_at_resubscribe = len(self.pubs)
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> None:
         async def until() -> None:
@@ -52,8 +56,7 @@ async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Broker, 
     else:
         broker = RedisBroker(request.getfixturevalue("redis_url"))
     rec = Recorder()
-    namespaces = {"job": JOB, "user": USER, "public": SHORT}
-    broker.set_handlers(rec.on_pub, rec.on_reset, lambda c: namespaces[c.partition(":")[0]])
+    broker.bind(rec.on_pub, rec.on_resubscribed)
     await broker.start()
     yield broker, rec
     await broker.close()
@@ -163,30 +166,6 @@ async def test_only_subscribed_channels_are_fanned_in(engine):
     assert broker.messages_in == 1
 
 
-async def test_registry_lists_live_nodes_and_forgets_removed_ones(engine):
-    broker, _ = engine
-    await broker.write_node("gw-a", {"node": "gw-a", "connections": 3}, ttl=10)
-    await broker.write_node("gw-b", {"node": "gw-b", "connections": 5}, ttl=10)
-    nodes = sorted(await broker.read_nodes(), key=lambda n: n["node"])
-    assert [(n["node"], n["connections"]) for n in nodes] == [("gw-a", 3), ("gw-b", 5)]
-    await broker.remove_node("gw-a")
-    assert [n["node"] for n in await broker.read_nodes()] == ["gw-b"]
-
-
-async def test_control_commands_reach_the_named_node_only(engine):
-    broker, _ = engine
-    got: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
-    broker.add_control("a", got["a"].append)
-    broker.add_control("b", got["b"].append)
-    await asyncio.sleep(0.1)  # the Redis engine subscribes asynchronously
-    await broker.send_control("a", {"cmd": "shed", "count": 2})
-    for _ in range(50):
-        if got["a"]:
-            break
-        await asyncio.sleep(0.02)
-    assert got == {"a": [{"cmd": "shed", "count": 2}], "b": []}
-
-
 async def test_the_memory_engine_holds_a_bounded_number_of_channels():
     """Reads create channels, so a flood of made-up names must not grow it for ever."""
     broker = MemoryBroker(max_channels=50)
@@ -198,3 +177,43 @@ async def test_the_memory_engine_holds_a_bounded_number_of_channels():
     assert broker.evicted == 151
     # The watched channel, the oldest of all, was passed over: its history is intact.
     assert (await broker.history(SHORT, "public:watched", 0, 10)).offset == 1
+
+
+async def test_an_interrupted_fan_in_is_reported_before_anything_received_since(redis_url):
+    """The Redis engine's reconnect: `on_resubscribed` names every wanted channel,
+    and is awaited before the publications that arrive on the new connection."""
+    import redis.asyncio as aioredis
+
+    broker = RedisBroker(redis_url)
+    rec = Recorder()
+    broker.bind(rec.on_pub, rec.on_resubscribed)
+    await broker.start()
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await broker.subscribe(["user:x", "user:y"])
+        await broker.publish(USER, "user:x", "note", {"n": 1})
+        await rec.wait_for(1)
+        assert rec.resubscribed == []  # the first connect resumes nothing
+        await admin.client_kill_filter(_type="pubsub")
+        for _ in range(100):
+            if rec.resubscribed and broker.ready:
+                break
+            await asyncio.sleep(0.05)
+        assert rec.resubscribed == [["user:x", "user:y"]]
+        assert rec.pubs_at_resubscribe == 1
+        await broker.publish(USER, "user:y", "note", {"n": 2})
+        await rec.wait_for(2)
+        assert broker.reconnects == 1
+    finally:
+        await admin.aclose()
+        await broker.close()
+
+
+async def test_the_memory_engine_fans_in_synchronously_and_never_resubscribes():
+    broker = MemoryBroker()
+    rec = Recorder()
+    broker.bind(rec.on_pub, rec.on_resubscribed)
+    await broker.subscribe(["user:a"])
+    for i in range(3):
+        await broker.publish(USER, "user:a", "note", {"i": i})
+    assert len(rec.pubs) == 3 and rec.resubscribed == []

@@ -1,11 +1,9 @@
-"""Engines behind the `Broker` interface; `create_broker` picks one from settings."""
+"""Engines behind the `Broker` contract (`base.py`); `create_broker` picks one from settings."""
 
 from __future__ import annotations
 
-from gateway.broker.base import Broker, BrokerUnavailable, History, Publication, Snapshot
+from gateway.broker.base import Broker
 from gateway.config import Settings
-
-__all__ = ["Broker", "BrokerUnavailable", "History", "Publication", "Snapshot", "create_broker"]
 
 
 def create_broker(settings: Settings) -> Broker:

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.broker.base import (
-    Broker,
-    History,
-    Publication,
-    Snapshot,
-    new_epoch,
-)
+from gateway.broker.base import Broker
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import ProtocolError
+from gateway.protocol.publication import History, Publication, Snapshot, new_epoch
 
 OWNER_TTL = 7 * 86400.0
 # Channels the embedded engine holds at most (each with its capped history).
@@ -51,8 +45,6 @@ class MemoryBroker(Broker):
         self._owners: dict[str, tuple[str, float]] = {}
         self._subscribed: set[str] = set()
         self._last_sweep = 0.0
-        self._nodes: dict[str, tuple[dict[str, Any], float]] = {}
-        self._control: dict[str, Callable[[dict[str, Any]], None]] = {}
 
     def _stream(self, namespace: Namespace, channel: str, now: float) -> _Stream:
         """The live stream of a channel; a missing or expired one starts a new epoch.
@@ -168,21 +160,3 @@ class MemoryBroker(Broker):
         if entry is not None and entry[1] > now and entry[0] != owner:
             raise ProtocolError("forbidden", f"{channel} belongs to another owner")
         self._owners[channel] = (owner, now + OWNER_TTL)
-
-    async def write_node(self, node_id: str, stats: dict[str, Any], ttl: float) -> None:
-        self._nodes[node_id] = (stats, self._clock() + ttl)
-
-    async def remove_node(self, node_id: str) -> None:
-        self._nodes.pop(node_id, None)
-
-    async def read_nodes(self) -> list[dict[str, Any]]:
-        now = self._clock()
-        return [stats for stats, expires in self._nodes.values() if expires > now]
-
-    def add_control(self, node_id: str, handler: Callable[[dict[str, Any]], None]) -> None:
-        self._control[node_id] = handler
-
-    async def send_control(self, node_id: str, command: dict[str, Any]) -> None:
-        handler = self._control.get(node_id)
-        if handler is not None:
-            handler(command)

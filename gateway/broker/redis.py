@@ -7,11 +7,10 @@ event-loop turn go out as one command, so a reconnect storm of thousands of
 clients costs a handful of round trips.
 
 Outages: the reader reconnects with capped, jittered exponential backoff,
-re-subscribes everything, and closes the gap itself: for each channel it
-reads the stream after the last offset it dispatched and hands the missing
-publications to the hub before any new live one. When a channel's epoch has
-changed (Redis lost its data) it reports a reset instead, and the node
-tells the channel's subscribers to refetch state.
+re-subscribes everything and, before handing over anything it received
+meanwhile, awaits the node's `on_resubscribed` for those channels, which
+closes each gap from the history (or reports the epoch change): the engine
+never re-reads history itself (gateway.core.recovery).
 """
 
 from __future__ import annotations
@@ -21,29 +20,21 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 import orjson
-import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.broker.base import (
-    Broker,
-    BrokerUnavailable,
-    History,
-    Publication,
-    Snapshot,
-    new_epoch,
-)
+from gateway.broker.base import Broker
 from gateway.broker.redis_scripts import PUBLISH, READ, Keys
+from gateway.cluster.connect import COMMAND_TIMEOUT, connect
 from gateway.protocol.channels import Namespace
-from gateway.protocol.errors import ProtocolError
+from gateway.protocol.errors import BrokerUnavailable, ProtocolError
+from gateway.protocol.publication import History, Publication, Snapshot, new_epoch
 
 log = logging.getLogger("herald.redis")
 
@@ -51,56 +42,7 @@ OWNER_TTL = 7 * 86400
 PING_INTERVAL = 5.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
-COMMAND_TIMEOUT = 5.0
-POOL_SIZE = 64
 READ_CHUNK = 256 * 1024
-
-ControlHandler = Callable[[dict[str, Any]], None]
-
-
-def connect(url: str) -> aioredis.Redis:
-    """A client for `redis://`, `rediss://` (TLS), or `redis+sentinel://`.
-
-    Sentinel form: `redis+sentinel://[user:password@]host1:port1,host2:port2/<master>[/db]`
-    (`?sentinel_password=...` if the sentinels need their own password).
-    """
-    if url.startswith("redis+sentinel://"):
-        from redis.asyncio.sentinel import Sentinel
-
-        parsed = urlparse(url)
-        netloc = parsed.netloc.rpartition("@")[2]
-        hosts = []
-        for item in netloc.split(","):
-            host, _, port = item.partition(":")
-            hosts.append((host, int(port or 26379)))
-        parts = [p for p in parsed.path.split("/") if p]
-        if not parts:
-            raise ValueError("redis+sentinel:// URL needs the master name as its path")
-        query = parse_qs(parsed.query)
-        sentinel_kwargs = {}
-        if "sentinel_password" in query:
-            sentinel_kwargs["password"] = query["sentinel_password"][0]
-        sentinel = Sentinel(
-            hosts,
-            sentinel_kwargs=sentinel_kwargs,
-            username=unquote(parsed.username) if parsed.username else None,
-            password=unquote(parsed.password) if parsed.password else None,
-            db=int(parts[1]) if len(parts) > 1 else 0,
-            socket_timeout=COMMAND_TIMEOUT,
-            protocol=2,
-        )
-        return sentinel.master_for(parts[0])
-    # A bounded pool: a connect storm queues for a connection instead of
-    # opening thousands of sockets to Redis.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        protocol=2,  # pub/sub replies as plain arrays, which _read_chunk parses
-        max_connections=POOL_SIZE,
-        timeout=COMMAND_TIMEOUT,
-        socket_timeout=COMMAND_TIMEOUT,
-        socket_connect_timeout=COMMAND_TIMEOUT,
-    )
-    return aioredis.Redis(connection_pool=pool)
 
 
 def _json_str(value: str) -> str:
@@ -125,13 +67,8 @@ class RedisBroker(Broker):
         self.client = connect(url)
         self._publish = self.client.register_script(PUBLISH)
         self._read = self.client.register_script(READ)
-        self._control: dict[str, ControlHandler] = {}
-        # Channels the hub wants, and what this node last dispatched for each.
+        # Channels the hub wants.
         self._wanted: set[str] = set()
-        self._last: dict[str, tuple[str, int]] = {}
-        # Positions read for watched channels that have had no publication on
-        # this node yet: where a resync starts from for them.
-        self._read_at: dict[str, tuple[str, int]] = {}
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._batch_sub: set[str] = set()
         self._batch_unsub: set[str] = set()
@@ -146,39 +83,6 @@ class RedisBroker(Broker):
         self._backlog: list[Any] = []
 
     # -- lifecycle ---------------------------------------------------------
-
-    def add_control(self, node_id: str, handler: ControlHandler) -> None:
-        """Listen on the node's control pub/sub channel (subscribed at every (re)connect)."""
-        self._control[self.keys.control(node_id)] = handler
-        if self._conn is not None and self._connected.is_set():
-            self._spawn(self._send(self._conn, "SUBSCRIBE", [self.keys.control(node_id)]))
-
-    async def send_control(self, node_id: str, command: dict[str, Any]) -> None:
-        await self._cmd(self.client.publish(self.keys.control(node_id), orjson.dumps(command)))
-
-    async def write_node(self, node_id: str, stats: dict[str, Any], ttl: float) -> None:
-        k = self.keys
-        now = time.time()
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(k.node(node_id), orjson.dumps(stats), px=int(ttl * 1000))
-            pipe.zadd(k.nodes, {node_id: now})
-            pipe.zremrangebyscore(k.nodes, "-inf", now - 3600)
-            await self._cmd(pipe.execute())
-
-    async def remove_node(self, node_id: str) -> None:
-        k = self.keys
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.delete(k.node(node_id))
-            pipe.zrem(k.nodes, node_id)
-            await self._cmd(pipe.execute())
-
-    async def read_nodes(self) -> list[dict[str, Any]]:
-        k = self.keys
-        ids = await self._cmd(self.client.zrangebyscore(k.nodes, time.time() - 3600, "+inf"))
-        if not ids:
-            return []
-        values = await self._cmd(self.client.mget([k.node(i.decode()) for i in ids]))
-        return [orjson.loads(v) for v in values if v is not None]
 
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._run_reader(), name="herald-redis-reader")
@@ -276,18 +180,12 @@ class RedisBroker(Broker):
         else:
             first = pubs[0].offset if pubs else offset + 1
             complete = since <= offset and first <= since + 1 and not cut
-        self._note_read(channel, epoch.decode(), offset)
         return History(epoch.decode(), offset, pubs, complete)
 
     async def snapshot(self, namespace: Namespace, channel: str) -> Snapshot:
         epoch, offset, flat = await self._read_channel(namespace, channel, "state", -1, 0)
         state = {orjson.loads(flat[i]): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
-        self._note_read(channel, epoch.decode(), int(offset))
         return Snapshot(epoch.decode(), int(offset), state)
-
-    def _note_read(self, channel: str, epoch: str, offset: int) -> None:
-        if channel in self._wanted and channel not in self._last:
-            self._read_at[channel] = (epoch, offset)
 
     async def owner(self, channel: str) -> str | None:
         value = await self._cmd(self.client.get(self.keys.owner(channel)))
@@ -328,8 +226,6 @@ class RedisBroker(Broker):
     async def unsubscribe(self, channels: list[str]) -> None:
         for channel in channels:
             self._wanted.discard(channel)
-            self._last.pop(channel, None)
-            self._read_at.pop(channel, None)
             if channel in self._batch_sub:
                 self._batch_sub.discard(channel)
                 fut = self._confirm.pop(channel, None)
@@ -409,7 +305,8 @@ class RedisBroker(Broker):
         self._conn = conn
         self._parser = hiredis.Reader()
         self._backlog = []
-        names = [self.keys.pubsub(c) for c in self._wanted] + list(self._control)
+        wanted = list(self._wanted)
+        names = [self.keys.pubsub(c) for c in wanted]
         self._batch_sub.clear()
         self._batch_unsub.clear()
         if names:
@@ -420,13 +317,14 @@ class RedisBroker(Broker):
                     if reply[0] == b"subscribe":
                         pending.discard(reply[1].decode())
                     else:
-                        self._backlog.append(reply)  # handled after the resync, deduplicated
-        resynced = await self._resync()
+                        self._backlog.append(reply)  # handed over after the resync
+        if wanted:
+            # Fan-in of these channels was interrupted: the node closes their gaps
+            # before anything received since is handed over.
+            await self._on_resubscribed(wanted)
         self._connected.set()
         for channel in list(self._wanted):
             self._confirmed(channel)
-        if resynced:
-            log.info("redis pub/sub (re)connected; %d channels resynchronised", resynced)
 
     async def _read_chunk(self, conn: Connection) -> list[Any]:
         """Every complete reply in the next chunk from the socket.
@@ -449,29 +347,6 @@ class RedisBroker(Broker):
         while (reply := parser.gets()) is not False:
             replies.append(reply)
         return replies
-
-    async def _resync(self) -> int:
-        """Close the gap of every channel after a reconnect, before going live."""
-        count = 0
-        for channel in list(self._wanted):
-            # (Popped only once the channel is resynchronised: a resync that
-            # fails half-way must start from the same place next time.)
-            position = self._last.get(channel) or self._read_at.get(channel)
-            if position is None:
-                continue
-            epoch, offset = position
-            ns = self._namespace_of(channel)
-            hist = await self.history(ns, channel, offset, max(ns.history_size, 1))
-            if hist.epoch == epoch and hist.complete:
-                for pub in hist.publications:
-                    self._dispatch(pub)
-            else:
-                snap = await self.snapshot(ns, channel)
-                self._last[channel] = (snap.epoch, snap.offset)
-                self._on_reset(channel, snap)
-            self._read_at.pop(channel, None)
-            count += 1
-        return count
 
     def _confirmed(self, channel: str) -> None:
         fut = self._confirm.pop(channel, None)
@@ -504,6 +379,7 @@ class RedisBroker(Broker):
         prefix = self.keys.pubsub_prefix
         plen = len(prefix)
         wanted = self._wanted
+        on_publication = self._on_publication
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 log.warning("redis pub/sub error: %s", reply)
@@ -514,11 +390,7 @@ class RedisBroker(Broker):
                 if name.startswith(prefix):
                     self.messages_in += 1
                     if name[plen:] in wanted:
-                        self._dispatch(Publication.from_record(orjson.loads(reply[2])))
-                else:
-                    handler = self._control.get(name)
-                    if handler is not None:
-                        self._control_message(handler, reply[2])
+                        on_publication(Publication.from_record(orjson.loads(reply[2])))
             elif kind == b"subscribe":
                 self._confirmed(reply[1].decode()[plen:])
 
@@ -535,18 +407,3 @@ class RedisBroker(Broker):
             except (RedisError, OSError):
                 await conn.disconnect()
                 return
-
-    def _dispatch(self, pub: Publication) -> None:
-        last = self._last.get(pub.channel)
-        if last is not None and last[0] == pub.epoch and pub.offset <= last[1]:
-            return  # already dispatched (resync overlap)
-        self._last[pub.channel] = (pub.epoch, pub.offset)
-        self._on_publication(pub)
-
-    def _control_message(self, handler: ControlHandler, raw: bytes) -> None:
-        try:
-            command = orjson.loads(raw)
-            if isinstance(command, dict):
-                handler(command)
-        except Exception:
-            log.exception("control command failed: %r", raw[:200])

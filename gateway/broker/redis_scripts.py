@@ -42,16 +42,6 @@ class Keys:
     def pubsub_prefix(self) -> str:
         return f"{self.prefix}pub:"
 
-    def node(self, node_id: str) -> str:
-        return f"{self.prefix}node:{node_id}"
-
-    @property
-    def nodes(self) -> str:
-        return f"{self.prefix}nodes"
-
-    def control(self, node_id: str) -> str:
-        return f"{self.prefix}control:{node_id}"
-
 
 # Shared by both scripts: the channel's epoch, starting a fresh one (and
 # clearing leftovers of an expired one) when the meta hash is gone.

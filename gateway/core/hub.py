@@ -13,7 +13,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gateway.broker.base import Broker, BrokerUnavailable, Position, Publication
+from gateway.broker.base import Broker
+from gateway.protocol.errors import BrokerUnavailable
+from gateway.protocol.publication import Position, Publication
 
 
 class Subscriber(Protocol):
@@ -36,6 +38,9 @@ class _Channel:
     recovering: dict[Subscriber, list[Publication]] = field(default_factory=dict)
     # Recovering subscribers whose buffer hit its bound.
     overflowed: set[Subscriber] = field(default_factory=set)
+    # The last position this node dispatched (or, before any publication, read):
+    # what an overlap is dropped against, and where a resync starts from.
+    position: Position | Publication | None = None
 
     def __contains__(self, sub: Subscriber) -> bool:
         return sub in self.live or sub in self.recovering
@@ -60,12 +65,20 @@ class Hub:
     def channel_count(self) -> int:
         return len(self._channels)
 
-    def channels(self) -> list[str]:
-        return list(self._channels)
-
-    def subscribers(self, channel: str) -> int:
+    def position(self, channel: str) -> Position | Publication | None:
+        """Where this node stands in a held channel (None: not held, or nothing known yet)."""
         ch = self._channels.get(channel)
-        return len(ch) if ch is not None else 0
+        return ch.position if ch is not None else None
+
+    def note(self, channel: str, position: Position, *, reset: bool = False) -> None:
+        """A position read for a held channel: where it stands until a publication moves it.
+
+        Only the first read counts (a later one may be ahead of publications
+        still in flight), unless `reset` says the history was lost.
+        """
+        ch = self._channels.get(channel)
+        if ch is not None and (ch.position is None or reset):
+            ch.position = position
 
     def subscribers_of(self, channel: str) -> list[Subscriber]:
         ch = self._channels.get(channel)
@@ -158,11 +171,16 @@ class Hub:
 
         The hot path of fan-out: one pass over the live subscribers (a tuple
         of them, so a subscriber that closes meanwhile cannot disturb it),
-        and the recovering ones, usually none, buffer it.
+        and the recovering ones, usually none, buffer it. A publication at
+        or before the channel's last position is an overlap and goes nowhere.
         """
         ch = self._channels.get(pub.channel)
         if ch is None:
             return 0
+        last = ch.position
+        if last is not None and last.epoch == pub.epoch and pub.offset <= last.offset:
+            return 0  # already dispatched (an overlap after a resync)
+        ch.position = pub
         if ch.recovering:
             bound = self._recovery_buffer
             for sub, buffered in ch.recovering.items():

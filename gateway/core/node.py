@@ -15,23 +15,20 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from gateway.broker import create_broker
-from gateway.broker.base import (
-    Broker,
-    BrokerUnavailable,
-    History,
-    Position,
-    Publication,
-    Snapshot,
-)
+from gateway.broker.base import Broker
+from gateway.cluster import control
+from gateway.cluster.directory import Directory, create_directory
 from gateway.config import Settings
 from gateway.core import publishing
 from gateway.core.heartbeat import Heartbeat
 from gateway.core.hub import Hub
 from gateway.core.outbox import Outbox
+from gateway.core.recovery import Recovery, resume
 from gateway.core.registry import RegistryWriter
-from gateway.protocol import wire
+from gateway.protocol import frames
 from gateway.protocol.channels import Access, Namespace, Namespaces, claim_allows, validate_channel
-from gateway.protocol.errors import CloseCode, ProtocolError
+from gateway.protocol.errors import BrokerUnavailable, CloseCode, ProtocolError
+from gateway.protocol.publication import History, Position, Publication, Snapshot
 from gateway.security.admission import IpRateLimiter, UserConnections
 from gateway.security.auth import Authenticator, Claims
 from gateway.telemetry import tracing
@@ -65,20 +62,31 @@ def parse_since(since: Any) -> tuple[str, int] | None:
 
 
 class Node:
-    def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker | None = None,
+        directory: Directory | None = None,
+    ) -> None:
         self.settings = settings
         self.id = settings.node_id
         self.broker = broker or create_broker(settings)
+        self.directory = directory or create_directory(settings.redis_url, settings.redis_prefix)
         self.namespaces = Namespaces.from_config(settings.namespaces)
         self.hub = Hub(self.broker, recovery_buffer=settings.send_buffer_messages)
         self.metrics = Metrics()
-        self.broker.set_handlers(self._on_publication, self._on_reset, self.namespaces.of)
+        self.recovery = Recovery(
+            self.broker, self.hub, self.namespaces, self.metrics, self._on_publication
+        )
+        self.broker.bind(self._on_publication, self.recovery.on_resubscribed)
         self.auth = Authenticator(settings)
         self.sessions: set[Session] = set()
         self.draining = False
         self.started = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.registry = RegistryWriter(self)
+        self.registry = RegistryWriter(
+            self.id, self.directory, self.broker, self.metrics, self.stats
+        )
         self.heartbeat = Heartbeat(self.sessions, settings.heartbeat)
         self.ip_limiter = IpRateLimiter(settings.ip_connect_rate, settings.ip_connect_burst)
         self.user_connections = UserConnections(settings.max_connections_per_user)
@@ -101,54 +109,29 @@ class Node:
             "draining": float(self.draining),
         }
 
-    def _on_reset(self, channel: str, snap: Snapshot) -> None:
-        """The engine lost this channel's history: every subscriber refetches state.
-
-        Sent as an unsolicited `subscribed` with `recovered: false`, the same
-        answer a client gets for a `since` that no longer resolves, so client
-        code has one path for both.
-        """
-        ns = self.namespaces.of(channel)
-        reply: dict[str, Any] = {
-            "type": "subscribed",
-            "channel": channel,
-            "recovered": False,
-            "epoch": snap.epoch,
-            "offset": snap.offset,
-        }
-        if ns.state:
-            reply["state"] = snap.state
-        self.metrics.recovered.labels("false").inc()
-        for sub in self.hub.subscribers_of(channel):
-            sub.send_json(reply)
-            sub.advance(channel, Position(snap.epoch, snap.offset))
-
     async def start(self) -> None:
         await self.broker.start()
-        self.broker.add_control(self.id, self._on_control)
+        await self.directory.start()
+        self.directory.listen(self.id, self._on_control)
         self.registry.start()
         self.heartbeat.start()
 
     async def close(self) -> None:
         await self.heartbeat.stop()
         await self.registry.stop()
+        await self.directory.close()
         await self.broker.close()
 
     # -- shedding and draining ----------------------------------------------
 
-    def _on_control(self, command: dict[str, Any]) -> None:
+    def _on_control(self, command: control.Command) -> None:
         """Commands from the operator on this node's control channel."""
-        cmd = command.get("cmd")
-        if cmd == "shed":
-            count = command.get("count")
-            if isinstance(count, int) and count > 0:
-                log.info("control: shedding %d connections", count)
-                self.spawn(self.shed(count, "rebalance"))
-        elif cmd == "drain":
+        if isinstance(command, control.Shed):
+            log.info("control: shedding %d connections", command.count)
+            self.spawn(self.shed(command.count, "rebalance"))
+        else:
             log.info("control: draining")
             self.spawn(self.drain())
-        else:
-            log.warning("control: unknown command %r", command)
 
     async def shed(self, count: int, reason: str, window: float = 1.0) -> int:
         """Ask `count` clients (least recently active first) to reconnect elsewhere.
@@ -163,7 +146,7 @@ class Node:
         step = window / len(victims)
         for i, session in enumerate(victims):
             after_ms = int(random.uniform(0.5, 1.5) * min(5000, 500 + step * 1000 * i))
-            session.send_json({"type": "reconnect", "reason": reason, "after_ms": after_ms})
+            session.send_json(frames.reconnect(reason, after_ms))
             session.close(CloseCode.RESTARTING, reason)
             self.metrics.shed.labels(reason).inc()
             if step and i + 1 < len(victims):
@@ -210,18 +193,17 @@ class Node:
         """Only a job's `progress` is superseded by a newer one; every other event counts."""
         return pub.event == "progress" and self.namespaces.of(pub.channel).state
 
-    def connected(self, session: Session) -> dict[str, Any]:
+    def connected(self, session: Session, rid: str | int | None = None) -> dict[str, Any]:
         """The `connected` frame every transport opens with."""
-        return {
-            "type": "connected",
-            "client": session.id,
-            "node": self.id,
-            "user": session.claims.sub,
-            "heartbeat": int(self.settings.heartbeat),
-            "expires": int(session.claims.exp),
-            "transport": session.transport,
-            "timestamp": wire.now_iso(),
-        }
+        return frames.connected(
+            client=session.id,
+            node=self.id,
+            user=session.claims.sub,
+            heartbeat=int(self.settings.heartbeat),
+            expires=int(session.claims.exp),
+            transport=session.transport,
+            rid=rid,
+        )
 
     def new_client_id(self) -> str:
         return "c-" + secrets.token_hex(6)
@@ -287,56 +269,32 @@ class Node:
         session.subscriptions.add(channel)
         try:
             await self._call(self.hub.add(session, channel))
-            reply, replay = await self._position(ns, channel, since)
+            found = await self._call(resume(self.broker, ns, channel, since))
         except BaseException:
             if not already:
                 session.subscriptions.discard(channel)
                 await self.hub.remove(session, channel)
             raise
+        position = Position(found.epoch, found.offset)
+        self.hub.note(channel, position)
+        if found.recovered is not None:
+            self.metrics.recovered.labels(str(found.recovered).lower()).inc()
+            if tracing.enabled:
+                tracing.recovery(found.recovered, len(found.publications))
+        reply = found.frame(ns, channel)
         if rid is not None:
             reply["id"] = rid
         session.send_json(reply)
-        for pub in replay:
+        for pub in found.publications:
             # A re-subscribe on the same connection skips what it already wrote live.
             if not session.already_sent(pub):
                 session.write_publication(pub)
                 if session.pending_bytes > REPLAY_PACE_BYTES:
                     await session.writable()  # live ones wait in the hub meanwhile
-        session.advance(channel, Position(reply["epoch"], reply["offset"]))
-        if not self.hub.go_live(session, channel, reply["offset"]):
+        session.advance(channel, position)
+        if not self.hub.go_live(session, channel, found.offset):
             self.metrics.dropped.labels("recovery_overflow").inc()
             session.overflowed()
-
-    async def _position(
-        self,
-        ns: Namespace,
-        channel: str,
-        since: tuple[str, int] | None,
-    ) -> tuple[dict[str, Any], list[Publication]]:
-        reply: dict[str, Any] = {"type": "subscribed", "channel": channel}
-        replay: list[Publication] = []
-        position: History | Snapshot
-        if since is not None:
-            epoch, offset = since
-            position = await self._call(
-                self.broker.history(ns, channel, offset, max(ns.history_size, 1))
-            )
-            recovered = position.epoch == epoch and position.complete
-            reply["recovered"] = recovered
-            self.metrics.recovered.labels(str(recovered).lower()).inc()
-            if tracing.enabled:
-                tracing.recovery(recovered, len(position.publications) if recovered else 0)
-            if recovered:
-                replay = position.publications
-            else:
-                position = await self._call(self.broker.snapshot(ns, channel))
-        else:
-            position = await self._call(self.broker.snapshot(ns, channel))
-        reply["epoch"] = position.epoch
-        reply["offset"] = position.offset
-        if isinstance(position, Snapshot) and ns.state:
-            reply["state"] = position.state
-        return reply, replay
 
     async def unsubscribe(self, session: Session, channel: str) -> None:
         session.subscriptions.discard(channel)
@@ -389,8 +347,8 @@ class Node:
         return await self._call(self.broker.history(ns, channel, since, limit))
 
     async def cluster(self) -> list[dict[str, Any]]:
-        nodes: list[dict[str, Any]] = await self._call(self.broker.read_nodes())
-        return sorted(nodes, key=lambda n: str(n.get("node", "")))
+        records = await self._call(self.directory.read())
+        return [r.to_dict() for r in sorted(records, key=lambda r: r.node)]
 
     async def register_job(self, channel: str, owner: str) -> None:
         await self._call(self.broker.register_owner(channel, owner))

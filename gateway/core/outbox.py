@@ -20,7 +20,7 @@ from typing import Any
 
 from tornado.iostream import IOStream, StreamClosedError
 
-from gateway.broker.base import Publication
+from gateway.protocol.publication import Publication
 from gateway.telemetry.metrics import Metrics
 
 # Above this many unsent bytes in the socket buffer, frames queue (and may conflate).

@@ -12,9 +12,10 @@ from typing import Any
 
 import orjson
 
-from gateway.broker.base import TERMINAL_JOB_EVENTS, Broker, Publication
+from gateway.broker.base import Broker
 from gateway.protocol.channels import Access, Namespaces, validate_channel
 from gateway.protocol.errors import ProtocolError
+from gateway.protocol.publication import TERMINAL_JOB_EVENTS, Publication
 from gateway.telemetry import tracing
 
 EVENT_MAX = 64

@@ -1,10 +1,9 @@
-"""The node registry: each gateway's live figures, shared through the engine.
+"""This node's entry in the cluster registry, written every `record.INTERVAL` seconds.
 
-Every `INTERVAL` seconds a gateway writes its connection count, message
-rates and draining flag under a key that expires after `TTL`; a gateway that
-dies simply drops out. The operator scales on these figures, and
-`GET /api/v1/cluster` shows them. The record's fields are a contract with
-the operator (docs/operations.md lists them).
+The entry (gateway.cluster.record) carries connection counts, message
+rates and the draining flag; it expires after `record.TTL`, so a gateway
+that dies simply drops out. The operator scales on these figures and
+`GET /api/v1/cluster` shows them.
 """
 
 from __future__ import annotations
@@ -13,31 +12,42 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from gateway.broker.base import BrokerUnavailable
-
-if TYPE_CHECKING:
-    from gateway.core.node import Node
+from gateway.broker.base import Broker
+from gateway.cluster.directory import Directory
+from gateway.cluster.record import INTERVAL, TTL, NodeRecord
+from gateway.protocol.errors import BrokerUnavailable
+from gateway.telemetry.metrics import Metrics
 
 log = logging.getLogger("herald.registry")
 
-INTERVAL = 2.0
-TTL = 10.0
-
 
 class RegistryWriter:
-    def __init__(self, node: Node, interval: float = INTERVAL, ttl: float = TTL) -> None:
-        self.node = node
+    def __init__(
+        self,
+        node_id: str,
+        directory: Directory,
+        broker: Broker,
+        metrics: Metrics,
+        stats: Callable[[], dict[str, Any]],
+        interval: float = INTERVAL,
+        ttl: float = TTL,
+    ) -> None:
+        self.node_id = node_id
+        self.directory = directory
+        self.broker = broker
+        self.metrics = metrics
+        self.stats = stats
         self.interval = interval
         self.ttl = ttl
         self._last: tuple[float, int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> NodeRecord:
         """This node's registry entry, with rates over the last interval."""
-        node = self.node
-        stats = node.stats()
+        stats = self.stats()
         now = time.monotonic()
         counts = (stats["messages_in"], stats["messages_out"], stats["broker_messages_in"])
         rates = [0.0, 0.0, 0.0]
@@ -45,27 +55,26 @@ class RegistryWriter:
             elapsed = max(now - self._last[0], 1e-6)
             rates = [(c - p) / elapsed for c, p in zip(counts, self._last[1:], strict=True)]
         self._last = (now, *counts)
-        return {
-            "node": node.id,
-            "pod": os.environ.get("POD_NAME", ""),
-            "ip": os.environ.get("POD_IP", ""),
-            "connections": stats["connections"],
-            "subscriptions": stats["subscriptions"],
-            "channels": stats["channels"],
-            "msgs_in_per_s": round(rates[0], 2),
-            "msgs_out_per_s": round(rates[1], 2),
-            "broker_msgs_in_per_s": round(rates[2], 2),
-            "draining": node.draining,
-            "ready": node.ready,
-            "updated": time.time(),
-        }
+        return NodeRecord(
+            node=self.node_id,
+            pod=os.environ.get("POD_NAME", ""),
+            ip=os.environ.get("POD_IP", ""),
+            connections=stats["connections"],
+            subscriptions=stats["subscriptions"],
+            channels=stats["channels"],
+            msgs_in_per_s=round(rates[0], 2),
+            msgs_out_per_s=round(rates[1], 2),
+            broker_msgs_in_per_s=round(rates[2], 2),
+            draining=stats["draining"],
+            ready=stats["ready"],
+            updated=time.time(),
+        )
 
     async def write_once(self) -> None:
-        broker = self.node.broker
         started = time.perf_counter()
-        await broker.ping()
-        self.node.metrics.broker_roundtrip.observe(time.perf_counter() - started)
-        await broker.write_node(self.node.id, self.record(), self.ttl)
+        await self.broker.ping()
+        self.metrics.broker_roundtrip.observe(time.perf_counter() - started)
+        await self.directory.write(self.record(), self.ttl)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="herald-registry")
@@ -86,6 +95,6 @@ class RegistryWriter:
             self._task.cancel()
             self._task = None
         try:
-            await self.node.broker.remove_node(self.node.id)
+            await self.directory.remove(self.node_id)
         except BrokerUnavailable:
             pass

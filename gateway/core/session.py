@@ -11,9 +11,9 @@ import abc
 import time
 from typing import Any, ClassVar
 
-from gateway.broker.base import Position, Publication
 from gateway.core.outbox import Outbox
 from gateway.protocol.errors import CloseCode
+from gateway.protocol.publication import Position, Publication
 from gateway.security.auth import Claims
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.broker.base import History, Publication
 from gateway.core.publishing import PublishRequest, check_data, parse_event, parse_owner
 from gateway.handlers.base import JsonHandler
 from gateway.protocol.channels import validate_channel
 from gateway.protocol.errors import ProtocolError
+from gateway.protocol.publication import History, Publication
 
 MAX_BROADCAST = 1000
 MAX_HISTORY_LIMIT = 1000

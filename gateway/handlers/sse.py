@@ -28,13 +28,13 @@ import time
 from asyncio import Future
 from typing import Any
 
-from gateway.broker.base import Publication
 from gateway.core.outbox import Outbox
 from gateway.core.session import Session
 from gateway.handlers.base import JsonHandler
 from gateway.protocol import wire
 from gateway.protocol.channels import validate_channel
 from gateway.protocol.errors import CloseCode, ProtocolError
+from gateway.protocol.publication import Publication
 from gateway.security.auth import Claims
 
 log = logging.getLogger("herald.sse")

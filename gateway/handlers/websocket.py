@@ -18,13 +18,13 @@ from urllib.parse import urlparse
 from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketHandler
 
-from gateway.broker.base import Publication
 from gateway.core.node import Node, parse_since
 from gateway.core.outbox import Outbox
 from gateway.core.session import Session
 from gateway.protocol import wire
 from gateway.protocol.channels import validate_channel
 from gateway.protocol.errors import CloseCode, ProtocolError
+from gateway.protocol.publication import Publication
 from gateway.security.auth import Claims
 from gateway.security.ratelimit import AbuseCounter, TokenBucket
 from gateway.telemetry import tracing

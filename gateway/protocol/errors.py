@@ -50,3 +50,12 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message
+
+
+class BrokerUnavailable(Exception):
+    """A shared engine (Redis) cannot answer now; clients get `unavailable`.
+
+    Defined with the protocol because every layer that talks to Redis raises
+    it — the engines and the cluster registry alike — and the node turns it
+    into the protocol's `unavailable`.
+    """

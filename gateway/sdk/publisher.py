@@ -251,8 +251,7 @@ class RedisPublisher(Publisher):
 
     @contextlib.asynccontextmanager
     async def _errors(self) -> AsyncIterator[None]:
-        from gateway.broker.base import BrokerUnavailable
-        from gateway.protocol.errors import ProtocolError
+        from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 
         try:
             yield

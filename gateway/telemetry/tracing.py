@@ -34,7 +34,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from gateway.config import ConfigError
 
 if TYPE_CHECKING:
-    from gateway.broker.base import Publication
+    from gateway.protocol.publication import Publication
 
 log = logging.getLogger("herald.tracing")
 

@@ -1,0 +1,60 @@
+"""Opening a Redis client from a Herald URL, for the engine and the registry alike.
+
+One place for the URL forms (`redis://`, `rediss://` for TLS, ACL users,
+`redis+sentinel://`), timeouts and pool bounds, so the gateway's engine and
+the operator reach Redis the same way.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, unquote, urlparse
+
+import redis.asyncio as aioredis
+
+COMMAND_TIMEOUT = 5.0
+POOL_SIZE = 64
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for `redis://`, `rediss://` (TLS), or `redis+sentinel://`.
+
+    Sentinel form: `redis+sentinel://[user:password@]host1:port1,host2:port2/<master>[/db]`
+    (`?sentinel_password=...` if the sentinels need their own password).
+    """
+    if url.startswith("redis+sentinel://"):
+        from redis.asyncio.sentinel import Sentinel
+
+        parsed = urlparse(url)
+        netloc = parsed.netloc.rpartition("@")[2]
+        hosts = []
+        for item in netloc.split(","):
+            host, _, port = item.partition(":")
+            hosts.append((host, int(port or 26379)))
+        parts = [p for p in parsed.path.split("/") if p]
+        if not parts:
+            raise ValueError("redis+sentinel:// URL needs the master name as its path")
+        query = parse_qs(parsed.query)
+        sentinel_kwargs = {}
+        if "sentinel_password" in query:
+            sentinel_kwargs["password"] = query["sentinel_password"][0]
+        sentinel = Sentinel(
+            hosts,
+            sentinel_kwargs=sentinel_kwargs,
+            username=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            db=int(parts[1]) if len(parts) > 1 else 0,
+            socket_timeout=COMMAND_TIMEOUT,
+            protocol=2,
+        )
+        return sentinel.master_for(parts[0])
+    # A bounded pool: a connect storm queues for a connection instead of
+    # opening thousands of sockets to Redis.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        protocol=2,  # pub/sub replies as plain arrays, which _read_chunk parses
+        max_connections=POOL_SIZE,
+        timeout=COMMAND_TIMEOUT,
+        socket_timeout=COMMAND_TIMEOUT,
+        socket_connect_timeout=COMMAND_TIMEOUT,
+    )
+    return aioredis.Redis(connection_pool=pool)

@@ -1,0 +1,99 @@
+"""The publication and where a channel's stream stands: the types every layer shares.
+
+A `Publication` carries its place in the history (epoch, offset) and builds
+each wire form lazily and at most once per node, however many connections
+receive it: the JSON (`json`), the whole WebSocket frame (`ws_frame`) and
+the SSE event (`sse_frame`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.protocol import wire
+
+TERMINAL_JOB_EVENTS = frozenset({"completed", "failed", "cancelled"})
+
+
+def new_epoch() -> str:
+    return secrets.token_urlsafe(6)
+
+
+@dataclass(slots=True, eq=False)
+class Publication:
+    """One message in one channel, with its place (epoch, offset) in the history."""
+
+    channel: str
+    event: str
+    data: Any
+    epoch: str
+    offset: int
+    time: float
+    meta: dict[str, str] = field(default_factory=dict)
+    _json: bytes | None = None
+    _ws: bytes | None = None
+    _sse: bytes | None = None
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "type": "message",
+            "channel": self.channel,
+            "event": self.event,
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "data": self.data,
+            "timestamp": wire.now_iso(self.time),
+        }
+
+    @property
+    def json(self) -> bytes:
+        """The client frame's JSON, built once however many receive it."""
+        if self._json is None:
+            self._json = wire.encode(self.message())
+        return self._json
+
+    @property
+    def ws_frame(self) -> bytes:
+        """The whole WebSocket text frame (header + payload), built once per node."""
+        if self._ws is None:
+            self._ws = wire.ws_text_frame(self.json)
+        return self._ws
+
+    @property
+    def sse_frame(self) -> bytes:
+        """The whole SSE event (id and data), built once per node like `ws_frame`."""
+        if self._sse is None:
+            eid = wire.sse_event_id(self.channel, self.epoch, self.offset)
+            self._sse = wire.sse_frame(self.json, eid)
+        return self._sse
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Publication:
+        return cls(rec["c"], rec["e"], rec["d"], rec["p"], rec["o"], rec["t"], rec.get("m") or {})
+
+
+@dataclass(slots=True)
+class Position:
+    """Where a channel's stream stands: a client resumes from one of these."""
+
+    epoch: str
+    offset: int
+
+
+@dataclass(slots=True)
+class History:
+    """Publications after a position, and whether they close the gap completely."""
+
+    epoch: str
+    offset: int
+    publications: list[Publication]
+    complete: bool
+
+
+@dataclass(slots=True)
+class Snapshot:
+    epoch: str
+    offset: int
+    state: dict[str, Any]
