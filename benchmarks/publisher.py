@@ -31,10 +31,10 @@ import redis.asyncio as aioredis
 import uvloop
 
 from benchmarks import rpc
-from gateway.broker.base import new_epoch
 from gateway.broker.redis import OWNER_TTL
 from gateway.broker.redis_scripts import PUBLISH, Keys
 from gateway.protocol.channels import Namespaces
+from gateway.protocol.publication import new_epoch
 
 EVENT = "progress"
 TICK = 0.002
