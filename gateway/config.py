@@ -54,6 +54,10 @@ _POSITIVE = (
     "max_publish_bytes",
     "send_buffer_bytes",
     "send_buffer_messages",
+    "hook_timeout",
+    "hook_concurrency",
+    "hook_breaker_failures",
+    "hook_breaker_cooldown",
 )
 _NON_NEGATIVE = ("heartbeat", "drain_seconds", "jwt_leeway")
 
@@ -109,6 +113,18 @@ class Settings:
     send_buffer_bytes: int = 4 * 1024 * 1024
     send_buffer_messages: int = 10000
     drain_seconds: float = 20.0
+    # Backend hooks (docs/hooks.md): base URL, and each hook on when its path is set.
+    hook_url: str = ""
+    hook_connect_path: str = ""
+    hook_refresh_path: str = ""
+    hook_subscribe_path: str = ""
+    hook_publish_path: str = ""
+    hook_rpc_path: str = ""
+    hook_secret: str = ""
+    hook_timeout: float = 5.0
+    hook_concurrency: int = 64
+    hook_breaker_failures: int = 5
+    hook_breaker_cooldown: float = 10.0
     # Where development secrets are kept so `herald token` finds them.
     state_dir: str = ""
     demo: bool = True

@@ -303,3 +303,16 @@ def spawn_gateway() -> Iterator[Callable[..., GatewayProcess]]:
     yield spawn
     for gw in started:
         gw.stop()
+
+
+# -- a real application backend behind the hooks --------------------------------
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Any]:
+    """A started `tests.backend_app.Backend` (its rules set per test)."""
+    from tests.backend_app import Backend
+
+    app = await Backend().start()
+    yield app
+    await app.stop()

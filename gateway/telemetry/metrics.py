@@ -121,6 +121,20 @@ class Metrics:
             "WebSocket connections open but not yet authenticated",
             registry=r,
         )
+        self.hook_requests = Counter(
+            "herald_hook_requests_total",
+            "Backend hook calls by hook and outcome (ok, rejected, timeout, error, "
+            "malformed, overloaded, circuit_open)",
+            ["hook", "outcome"],
+            registry=r,
+        )
+        self.hook_duration = Histogram(
+            "herald_hook_duration_seconds",
+            "Backend hook call duration (calls that went out)",
+            ["hook"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def bind(self, read: Callable[[], dict[str, float]]) -> None:
         """Figures read from the node at scrape time (engine state, drain progress)."""
