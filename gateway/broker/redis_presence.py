@@ -1,0 +1,247 @@
+"""Presence on Redis: entries that expire unless their gateway keeps them alive.
+
+Per channel, under the channel's hash tag (one Redis Cluster slot):
+
+    {prefix}{<channel>}:presence      hash  client id -> member record
+    {prefix}{<channel>}:presence-exp  zset  client id -> expiry (Redis clock, ms)
+    {prefix}presence:<channel>        pub/sub: {"k": "join"|"leave", "m": record}
+
+Each gateway re-asserts its own members every `ttl / 3` seconds (one script
+call per channel, pipelined). A member whose gateway stopped refreshing
+(SIGKILL, partition) is removed by the next script that touches the channel
+— any gateway's refresh of it, any read — which also announces its `leave`.
+So a killed gateway's clients leave presence within `ttl + ttl / 3` of its
+last refresh, as long as some gateway still has a subscriber there (a read
+removes them at once regardless). Expiry uses Redis's clock (`TIME`), not
+the gateways', so skewed clocks cannot keep a member alive.
+
+Join/leave events travel on a pub/sub connection of this class's own,
+subscribed only to the channels local subscribers asked events for, apart
+from the stream's fan-in connection (nothing of the engine's subscribe state
+machine is shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.broker.presence import JOIN, LEAVE, Member, Presence, PresenceUnavailable
+
+log = logging.getLogger("herald.presence")
+
+DEFAULT_TTL = 15.0
+# Expired members removed per script call at most (the rest go on the next).
+EXPIRE_BATCH = 1000
+RECONNECT_DELAY = 1.0
+
+# Removes expired members and announces their leave. KEYS: hash, zset; ARGV[1]: events.
+_EXPIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, EXPIRE_BATCH)
+for _, client in ipairs(dead) do
+  local record = redis.call('HGET', KEYS[1], client)
+  redis.call('HDEL', KEYS[1], client)
+  redis.call('ZREM', KEYS[2], client)
+  if record then
+    redis.call('PUBLISH', ARGV[1], '{"k":"leave","m":' .. record .. '}')
+  end
+end
+""".replace("EXPIRE_BATCH", str(EXPIRE_BATCH))
+
+# Joins or keeps alive this gateway's members of one channel.
+# KEYS: hash, zset; ARGV: events, ttl ms, limit, then client, record pairs.
+# Returns one status per member: 1 joined, 0 already there, -1 channel full.
+SYNC = _EXPIRE + """
+local ttl = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local out = {}
+for i = 4, #ARGV, 2 do
+  local client, record = ARGV[i], ARGV[i + 1]
+  if redis.call('ZSCORE', KEYS[2], client) then
+    redis.call('ZADD', KEYS[2], 'XX', now + ttl, client)
+    out[#out + 1] = 0
+  elseif redis.call('HLEN', KEYS[1]) >= limit then
+    out[#out + 1] = -1
+  else
+    redis.call('HSET', KEYS[1], client, record)
+    redis.call('ZADD', KEYS[2], now + ttl, client)
+    redis.call('PUBLISH', ARGV[1], '{"k":"join","m":' .. record .. '}')
+    out[#out + 1] = 1
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+return out
+"""
+
+# KEYS: hash, zset; ARGV: events, client.
+LEAVE_SCRIPT = """
+local record = redis.call('HGET', KEYS[1], ARGV[2])
+if record then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('PUBLISH', ARGV[1], '{"k":"leave","m":' .. record .. '}')
+end
+return record and 1 or 0
+"""
+
+READ = _EXPIRE + """
+return redis.call('HVALS', KEYS[1])
+"""
+
+
+class RedisPresence(Presence):
+    def __init__(
+        self, client: aioredis.Redis, *, prefix: str = "herald:", ttl: float = DEFAULT_TTL
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self._prefix = prefix
+        self.ttl = ttl
+        self._sync = client.register_script(SYNC)
+        self._leave = client.register_script(LEAVE_SCRIPT)
+        self._read = client.register_script(READ)
+        # This gateway's members, re-asserted every ttl / 3; and their limits.
+        self._local: dict[str, dict[str, Member]] = {}
+        self._limits: dict[str, int] = {}
+        self._pubsub: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.refresh_failures = 0
+
+    def _keys(self, channel: str) -> list[str]:
+        base = f"{self._prefix}{{{channel}}}:presence"
+        return [base, base + "-exp"]
+
+    def _events(self, channel: str) -> str:
+        return f"{self._prefix}presence:{channel}"
+
+    async def _cmd(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise PresenceUnavailable(str(exc) or type(exc).__name__) from None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._refresh_loop(), name="herald-presence-refresh"),
+            asyncio.create_task(self._event_loop(), name="herald-presence-events"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        # A clean stop: this gateway's members leave now, not after the TTL.
+        for channel, members in list(self._local.items()):
+            for member in list(members.values()):
+                with contextlib.suppress(PresenceUnavailable):
+                    await self.leave(channel, member)
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+            self._pubsub = None
+
+    # -- members -------------------------------------------------------------
+
+    async def join(self, channel: str, member: Member, limit: int) -> bool:
+        status = await self._cmd(self._run_sync(channel, [member], limit))
+        if status[0] < 0:
+            return False
+        self._local.setdefault(channel, {})[member.client] = member
+        self._limits[channel] = limit
+        return True
+
+    def _run_sync(
+        self, channel: str, members: list[Member], limit: int, client: Any = None
+    ) -> Any:
+        args: list[Any] = [self._events(channel), int(self.ttl * 1000), limit]
+        for m in members:
+            args += [m.client, m.to_record()]
+        return self._sync(keys=self._keys(channel), args=args, client=client)
+
+    async def leave(self, channel: str, member: Member) -> None:
+        local = self._local.get(channel)
+        if local is not None:
+            local.pop(member.client, None)
+            if not local:
+                del self._local[channel]
+                self._limits.pop(channel, None)
+        await self._cmd(
+            self._leave(keys=self._keys(channel), args=[self._events(channel), member.client])
+        )
+
+    async def members(self, channel: str) -> list[Member]:
+        records = await self._cmd(
+            self._read(keys=self._keys(channel), args=[self._events(channel)])
+        )
+        return [Member.from_record(r) for r in records]
+
+    async def refresh(self) -> None:
+        """Re-assert every local member (and expire others') in one pipeline."""
+        if not self._local:
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            for channel, members in self._local.items():
+                await self._run_sync(channel, list(members.values()), self._limits[channel], pipe)
+            await self._cmd(pipe.execute())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self.refresh()
+            except PresenceUnavailable as exc:
+                self.refresh_failures += 1
+                log.warning("presence refresh failed: %s", exc)
+
+    # -- join/leave events ---------------------------------------------------
+
+    async def _listen(self, channel: str) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.subscribe(self._events(channel))
+
+    async def _unlisten(self, channel: str) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(self._events(channel))
+
+    async def _event_loop(self) -> None:
+        """Read events; after any error start over on a fresh connection and
+        subscribe every watched channel again."""
+        skip = len(self._prefix) + len("presence:")
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                # Set first: a watch from now on subscribes itself.
+                self._pubsub = pubsub
+                await pubsub.subscribe(
+                    f"{self._prefix}presence-keepalive", *[self._events(c) for c in self._watchers]
+                )
+                while True:
+                    msg = await pubsub.get_message(timeout=5.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    channel = msg["channel"].decode()[skip:]
+                    event = orjson.loads(msg["data"])
+                    if event.get("k") in (JOIN, LEAVE):
+                        self._emit(event["k"], channel, Member.from_dict(event["m"]))
+            except (RedisError, OSError) as exc:
+                log.warning("presence events connection lost: %s", exc)
+            finally:
+                self._pubsub = None
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(RECONNECT_DELAY)
