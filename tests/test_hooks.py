@@ -16,9 +16,9 @@ import hmac
 import orjson
 import pytest
 
-from gateway.errors import ProtocolError
-from gateway.hooks import Breaker, HookFailed, Hooks, hook_urls, parse_reply
-from gateway.metrics import Metrics
+from gateway.core.hooks import Breaker, HookFailed, Hooks, hook_urls, parse_reply
+from gateway.protocol.errors import ProtocolError
+from gateway.telemetry.metrics import Metrics
 from tests.backend_app import Accept, Delay, Malformed, Reject, Status
 from tests.conftest import base_settings, free_port
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from gateway import wire
+from gateway.protocol import wire
 
 JOIN, LEAVE = "join", "leave"
 

@@ -34,9 +34,9 @@ from typing import Any, Final, get_args
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from gateway import tracing
 from gateway.config import Settings
-from gateway.errors import ErrorCode, ProtocolError
+from gateway.protocol.errors import ErrorCode, ProtocolError
+from gateway.telemetry import tracing
 
 HOOKS: Final = ("connect", "refresh", "subscribe", "publish", "rpc")
 # A rejection may carry any protocol error code; a longer message is cut.
