@@ -58,6 +58,7 @@ _POSITIVE = (
     "hook_concurrency",
     "hook_breaker_failures",
     "hook_breaker_cooldown",
+    "presence_ttl",
 )
 _NON_NEGATIVE = ("heartbeat", "drain_seconds", "jwt_leeway")
 
@@ -125,6 +126,8 @@ class Settings:
     hook_concurrency: int = 64
     hook_breaker_failures: int = 5
     hook_breaker_cooldown: float = 10.0
+    # Redis presence: a member not refreshed by its gateway for this long is gone.
+    presence_ttl: float = 15.0
     # Where development secrets are kept so `herald token` finds them.
     state_dir: str = ""
     demo: bool = True

@@ -7,6 +7,7 @@ It answers Herald's hook calls (docs/hooks.md) the way a test sets per hook:
     backend.on("publish", Status(503))
     backend.on("connect", Malformed(b"<html>"))
     backend.on("rpc", lambda req: Accept({"sum": sum(req["params"])}))
+    backend.on("subscribe", lambda req: Status(500) if req["user"] == "x" else None)
 
 With no rule a hook behaves like a plain application: connect and publish
 accept, refresh extends by a minute, rpc `echo` returns its params, and
@@ -123,10 +124,10 @@ class Backend:
 
     async def answer(self, hook: str, req: dict[str, Any]) -> tuple[int, bytes]:
         rule = self.rules.get(hook)
+        if callable(rule):
+            rule = rule(req)  # None: the default answer
         if rule is None:
             rule = self.default(hook, req)
-        elif callable(rule):
-            rule = rule(req)
         while isinstance(rule, Delay):
             await asyncio.sleep(rule.seconds)
             rule = rule.then

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway.broker.presence import Member, MemoryPresence, Presence
-from gateway.broker.redis import connect
 from gateway.broker.redis_presence import RedisPresence
+from gateway.cluster.connect import connect
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -167,3 +167,30 @@ async def test_nothing_lost_across_a_gateway_restart(spawn_gateway, redis_url):
         # user:alice comes back subscribed without `since` (automatic): the
         # client filled that gap from the HTTP history.
         assert client.stats["gaps_filled"] >= 1
+
+
+async def test_rpc_and_publish_through_the_backend(make_gateway, backend):
+    from gateway.sdk.client import HeraldError
+    from tests.backend_app import Reject
+
+    namespaces = json.dumps({"room": {"access": "authenticated", "client_publish": True}})
+    gw = await make_gateway(**backend.settings(namespaces=namespaces))
+    got: list[Update] = []
+    async with fast(gw.url, token("alice")) as client:
+        client.subscribe("room:1", on_message=got.append)
+        await asyncio.wait_for(client.wait_connected(), 10)
+        assert await asyncio.wait_for(client.rpc("echo", {"n": [1, 2]}), 10) == {"n": [1, 2]}
+        calls = await asyncio.gather(*(client.rpc("echo", i) for i in range(5)))
+        assert calls == list(range(5))  # concurrent calls, each answered by its own id
+        backend.on("rpc", Reject("not_found", "no such job"))
+        with pytest.raises(HeraldError) as err:
+            await asyncio.wait_for(client.rpc("jobs.cancel", {"job": "x"}), 10)
+        assert (err.value.code, err.value.message) == ("not_found", "no such job")
+        await wait_until(lambda: client.position("room:1") is not None)  # subscribed
+        pos = await asyncio.wait_for(client.publish("room:1", "chat", {"text": "hi"}), 10)
+        assert (pos["type"], pos["channel"], pos["offset"]) == ("published", "room:1", 1)
+        await wait_until(lambda: bool(got))
+        assert (got[0].offset, got[0].data) == (1, {"text": "hi"})
+        with pytest.raises(HeraldError) as err:
+            await asyncio.wait_for(client.publish("public:x", "chat", {}), 10)
+        assert err.value.code == "forbidden"

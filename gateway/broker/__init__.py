@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.broker.base import Broker
+from gateway.broker.presence import MemoryPresence, Presence
 from gateway.config import Settings
 
 
@@ -15,3 +16,15 @@ def create_broker(settings: Settings) -> Broker:
     from gateway.broker.memory import MemoryBroker
 
     return MemoryBroker()
+
+
+def create_presence(settings: Settings) -> Presence:
+    """The presence store beside the engine: Redis when the engine is, else in-process."""
+    if settings.broker_engine == "redis":
+        from gateway.broker.redis_presence import RedisPresence
+        from gateway.cluster.connect import connect
+
+        return RedisPresence(
+            connect(settings.redis_url), prefix=settings.redis_prefix, ttl=settings.presence_ttl
+        )
+    return MemoryPresence()

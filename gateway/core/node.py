@@ -14,15 +14,18 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from gateway.broker import create_broker
+from gateway.broker import create_broker, create_presence
 from gateway.broker.base import Broker
+from gateway.broker.presence import PresenceUnavailable
 from gateway.cluster import control
 from gateway.cluster.directory import Directory, create_directory
 from gateway.config import Settings
 from gateway.core import publishing
+from gateway.core.backend import BackendCalls, Caller
 from gateway.core.heartbeat import Heartbeat
 from gateway.core.hub import Hub
 from gateway.core.outbox import Outbox
+from gateway.core.presence import PresenceTracker
 from gateway.core.recovery import Recovery, resume
 from gateway.core.registry import RegistryWriter
 from gateway.protocol import frames
@@ -91,6 +94,11 @@ class Node:
         self.ip_limiter = IpRateLimiter(settings.ip_connect_rate, settings.ip_connect_burst)
         self.user_connections = UserConnections(settings.max_connections_per_user)
         self.metrics.bind(self._scrape)
+        self.backend = BackendCalls(settings, self.namespaces, self.metrics)
+        # Only a node with a presence namespace opens a presence store.
+        self.presence: PresenceTracker | None = None
+        if any(ns.presence for ns in self.namespaces):
+            self.presence = PresenceTracker(create_presence(settings), self.hub, self.metrics)
 
     def _on_publication(self, pub: Publication) -> None:
         if tracing.enabled:
@@ -111,6 +119,8 @@ class Node:
 
     async def start(self) -> None:
         await self.broker.start()
+        if self.presence is not None:
+            await self.presence.store.start()
         await self.directory.start()
         self.directory.listen(self.id, self._on_control)
         self.registry.start()
@@ -119,6 +129,9 @@ class Node:
     async def close(self) -> None:
         await self.heartbeat.stop()
         await self.registry.stop()
+        if self.presence is not None:
+            await self.presence.store.close()
+        self.backend.close()
         await self.directory.close()
         await self.broker.close()
 
@@ -210,10 +223,21 @@ class Node:
 
     # -- permissions ------------------------------------------------------
 
-    async def authorize(self, claims: Claims, channel: object) -> Namespace:
-        """The channel's namespace if `claims` may read it; else `forbidden`/`not_found`."""
+    async def authorize(
+        self, claims: Claims, channel: object, caller: Caller | None = None
+    ) -> Namespace:
+        """The channel's namespace if `claims` may read it; else `forbidden`/`not_found`.
+
+        In a `subscribe_hook` namespace the backend decides (admins and the
+        `channels` claim still pass without asking it); `caller` names the
+        connection for the hook (None: an HTTP read).
+        """
         channel = validate_channel(channel)
         ns = self.namespaces.of(channel)
+        if ns.subscribe_hook:
+            if not (claims.admin or claim_allows(claims.channels, channel)):
+                await self.backend.may_subscribe(caller or Caller(claims.sub, "http"), channel)
+            return ns
         if ns.access is Access.OWNER:
             owner = await self._call(self.broker.owner(channel))
             if owner is None:
@@ -238,12 +262,13 @@ class Node:
         rid: str | int | None,
         *,
         check: bool = True,
+        join_leave: bool = False,
     ) -> None:
         """Subscribe, reply `subscribed`, replay what was missed, then go live."""
         if not tracing.enabled:
-            return await self._subscribe(session, channel, since, rid, check)
+            return await self._subscribe(session, channel, since, rid, check, join_leave)
         with tracing.subscribe_span(str(channel), session.transport, since is not None):
-            return await self._subscribe(session, channel, since, rid, check)
+            return await self._subscribe(session, channel, since, rid, check, join_leave)
 
     async def _subscribe(
         self,
@@ -252,6 +277,7 @@ class Node:
         since: tuple[str, int] | None,
         rid: str | int | None,
         check: bool,
+        join_leave: bool,
     ) -> None:
         """The subscribe itself (`subscribe` may wrap it in a span).
 
@@ -259,7 +285,12 @@ class Node:
         `go_live` drops the ones the replay already covered: that is the
         whole no-gap, no-duplicate guarantee, for both engines.
         """
-        ns = await self.authorize(session.claims, channel) if check else self.namespaces.of(channel)
+        if check:
+            ns = await self.authorize(session.claims, channel, Caller.of(session))
+        else:
+            ns = self.namespaces.of(channel)
+        if join_leave and not ns.join_leave:
+            raise ProtocolError("bad_request", f"join_leave is not enabled for {channel}")
         already = channel in session.subscriptions
         if not already and len(session.subscriptions) >= self.settings.max_subscriptions:
             raise ProtocolError(
@@ -295,10 +326,16 @@ class Node:
         if not self.hub.go_live(session, channel, found.offset):
             self.metrics.dropped.labels("recovery_overflow").inc()
             session.overflowed()
+        if ns.presence and self.presence is not None:
+            await self.presence.subscribed(session, ns, channel, join_leave)
+            if channel not in session.subscriptions:  # closed or unsubscribed meanwhile
+                await self.presence.unsubscribed(session, channel)
 
     async def unsubscribe(self, session: Session, channel: str) -> None:
         session.subscriptions.discard(channel)
         session.forget(channel)
+        if self.presence is not None:
+            await self.presence.unsubscribed(session, channel)
         await self.hub.remove(session, channel)
 
     def admit(self, session: Session) -> None:
@@ -316,6 +353,8 @@ class Node:
         if session in self.sessions:
             self.sessions.discard(session)
             self.user_connections.remove(session.claims.sub)
+        if self.presence is not None:
+            await self.presence.closed(session)
         for channel in list(session.subscriptions):
             session.subscriptions.discard(channel)
             try:
@@ -336,14 +375,53 @@ class Node:
         self.metrics.publications.inc()
         return pub
 
-    async def read_state(self, claims: Claims, channel: str) -> Snapshot:
-        ns = await self.authorize(claims, channel)
+    async def client_publish(
+        self, claims: Claims, caller: Caller, channel: object, event: Any, data: Any
+    ) -> Publication:
+        """A publish from a client: where the namespace allows it, by someone allowed
+        to subscribe there, through the publish hook when one is configured."""
+        ns = await self.authorize(claims, channel, caller)
+        channel = str(channel)
+        if not ns.client_publish:
+            raise ProtocolError("forbidden", f"clients may not publish to {channel}")
+        event = publishing.parse_event(event)
+        max_bytes = self.settings.max_publish_bytes
+        data = publishing.check_data(data, max_bytes)
+        data = publishing.check_data(
+            await self.backend.publish(caller, channel, event, data), max_bytes
+        )
+        return await self.publish(publishing.PublishRequest(channel, event, data))
+
+    async def rpc(self, caller: Caller, method: Any, params: Any) -> Any:
+        """A client's request to the backend (the RPC hook), answered by its result."""
+        return await self.backend.rpc(caller, method, params)
+
+    async def read_presence(self, claims: Claims | None, channel: str) -> list[dict[str, Any]]:
+        """Who is subscribed to `channel` across the cluster (`claims` None: API key)."""
+        ns = await self._readable(claims, channel)
+        if not ns.presence or self.presence is None:
+            raise ProtocolError("not_found", f"presence is not enabled for {channel}")
+        try:
+            members = await self.presence.store.members(channel)
+        except PresenceUnavailable as exc:
+            raise ProtocolError("unavailable", f"presence unavailable: {exc}") from None
+        return [m.to_json() for m in sorted(members, key=lambda m: (m.since, m.client))]
+
+    async def _readable(self, claims: Claims | None, channel: str) -> Namespace:
+        """A read's namespace: any channel for the API key (`claims` None), else the
+        subscribe rules."""
+        if claims is None:
+            return self.namespaces.of(validate_channel(channel))
+        return await self.authorize(claims, channel)
+
+    async def read_state(self, claims: Claims | None, channel: str) -> Snapshot:
+        ns = await self._readable(claims, channel)
         return await self._call(self.broker.snapshot(ns, channel))
 
     async def read_history(
-        self, claims: Claims, channel: str, since: int | None, limit: int
+        self, claims: Claims | None, channel: str, since: int | None, limit: int
     ) -> History:
-        ns = await self.authorize(claims, channel)
+        ns = await self._readable(claims, channel)
         return await self._call(self.broker.history(ns, channel, since, limit))
 
     async def cluster(self) -> list[dict[str, Any]]:

@@ -19,6 +19,8 @@ from gateway.security.auth import Claims
 
 class Session(abc.ABC):
     transport: ClassVar[str]
+    # What a connect hook granted (core.backend.Grant); most connections have none.
+    granted: Any = None
 
     def __init__(self, client_id: str, claims: Claims) -> None:
         self.id = client_id
@@ -29,6 +31,7 @@ class Session(abc.ABC):
         # `_sent`, the range this connection has already written.
         self._live_from: dict[str, Position] = {}
         self.last_active = time.monotonic()
+        self.connected_at = time.time()  # presence's `since`
 
     def touch(self) -> None:
         """The client sent something; shedding prefers the least recently active."""

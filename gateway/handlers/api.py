@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.core.backend import Caller
 from gateway.core.publishing import PublishRequest, check_data, parse_event, parse_owner
 from gateway.handlers.base import JsonHandler
 from gateway.protocol.channels import validate_channel
@@ -73,10 +74,10 @@ class JobsHandler(JsonHandler):
 
 
 class StateHandler(JsonHandler):
-    """GET /api/v1/channels/{channel}/state (JWT, subscribe rules)."""
+    """GET /api/v1/channels/{channel}/state (API key, or JWT and subscribe rules)."""
 
     async def get(self, channel: str) -> None:
-        claims = await self.require_user()
+        claims = await self.require_reader()
         snap = await self.node.read_state(claims, channel)
         self.write_json(
             {"channel": channel, "epoch": snap.epoch, "offset": snap.offset, "state": snap.state}
@@ -84,10 +85,11 @@ class StateHandler(JsonHandler):
 
 
 class HistoryHandler(JsonHandler):
-    """GET /api/v1/channels/{channel}/history?since=N&limit=M (JWT, subscribe rules)."""
+    """GET /api/v1/channels/{channel}/history?since=N&limit=M (API key, or JWT and
+    subscribe rules)."""
 
     async def get(self, channel: str) -> None:
-        claims = await self.require_user()
+        claims = await self.require_reader()
         since = self._int_arg("since", None, 0)
         limit = self._int_arg("limit", 100, 1)
         limit = min(limit if limit is not None else 100, MAX_HISTORY_LIMIT)
@@ -113,6 +115,48 @@ class HistoryHandler(JsonHandler):
         if value < minimum:
             raise ProtocolError("bad_request", f"{name} must be >= {minimum}")
         return value
+
+
+class PresenceHandler(JsonHandler):
+    """GET /api/v1/channels/{channel}/presence (API key, or JWT and subscribe rules)."""
+
+    async def get(self, channel: str) -> None:
+        claims = await self.require_reader()
+        clients = await self.node.read_presence(claims, channel)
+        self.write_json({"channel": channel, "count": len(clients), "clients": clients})
+
+
+class ClientPublishHandler(JsonHandler):
+    """POST /api/v1/channels/{channel}/publish (JWT): a client publish, as over /ws."""
+
+    span_route = "/api/v1/channels/{channel}/publish"
+
+    async def post(self, channel: str) -> None:
+        claims = await self.require_user()
+        body = self.json_body()
+        if not isinstance(body, dict):
+            raise ProtocolError("bad_request", "body must be a JSON object")
+        caller = Caller(claims.sub, "http")
+        pub = await self.node.client_publish(
+            claims, caller, channel, body.get("event", "message"), body.get("data")
+        )
+        self.write_json(position(pub))
+
+
+class RpcHandler(JsonHandler):
+    """POST /api/v1/rpc (JWT): a client RPC, answered by the backend's RPC hook."""
+
+    span_route = "/api/v1/rpc"
+
+    async def post(self) -> None:
+        claims = await self.require_user()
+        body = self.json_body()
+        if not isinstance(body, dict):
+            raise ProtocolError("bad_request", "body must be a JSON object")
+        result = await self.node.rpc(
+            Caller(claims.sub, "http"), body.get("method"), body.get("params")
+        )
+        self.write_json({"result": result})
 
 
 class StatsHandler(JsonHandler):

@@ -94,6 +94,14 @@ class JsonHandler(RequestHandler):
         if not self.node.auth.check_api_key(self.request.headers.get("Authorization")):
             raise ProtocolError("unauthorized", "send 'Authorization: apikey <key>'")
 
+    async def require_reader(self) -> Claims | None:
+        """A backend's API key (None: it may read any channel) or a user's JWT."""
+        header = self.request.headers.get("Authorization", "")
+        if header.partition(" ")[0].lower() == "apikey":
+            self.require_api_key()
+            return None
+        return await self.require_user()
+
     async def require_user(self) -> Claims:
         """A JWT from the Authorization header, the `token` query argument or a cookie."""
         header = self.request.headers.get("Authorization", "")

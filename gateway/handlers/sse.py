@@ -28,6 +28,7 @@ import time
 from asyncio import Future
 from typing import Any
 
+from gateway.core.backend import Caller
 from gateway.core.outbox import Outbox
 from gateway.core.session import Session
 from gateway.handlers.base import JsonHandler
@@ -96,9 +97,12 @@ class SseHandler(JsonHandler):
         if not node.ip_limiter.allow(self.request.remote_ip or ""):
             node.metrics.refused.labels("ip_rate").inc()
             raise ProtocolError("rate_limited", "too many connection attempts from this address")
-        claims = await self.require_user()
-        plan = await self._plan(claims)
-        session = self.session = SseSession(self, node.new_client_id(), claims)
+        session = SseSession(self, node.new_client_id(), await self.require_user())
+        extra = await node.backend.connect(session)  # refused: the backend's status
+        plan = await self._plan(session)
+        plan += [(c, None) for c in extra if c not in dict(plan)]
+        self.session = session
+        claims = session.claims
         node.admit(session)  # past the user's cap: 429 before the stream starts
         # Everything was checked: from here on, problems are events, not statuses.
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -128,9 +132,10 @@ class SseHandler(JsonHandler):
         if not self._finished and not self.request.connection.stream.closed():
             self.finish()
 
-    async def _plan(self, claims: Claims) -> list[tuple[str, tuple[str, int] | None]]:
+    async def _plan(self, session: SseSession) -> list[tuple[str, tuple[str, int] | None]]:
         """Validate and authorize every channel; each one's `since`, if any."""
         node = self.node
+        claims = session.claims
         names = [validate_channel(c) for c in self.get_query_arguments("channel")]
         own = f"user:{claims.sub}"
         try:
@@ -156,7 +161,7 @@ class SseHandler(JsonHandler):
             since[channel] = position
         for channel in channels:
             if channel != own:
-                await node.authorize(claims, channel)
+                await node.authorize(claims, channel, Caller.of(session))
         return [(c, since.get(c)) for c in channels]
 
     async def _stream(self, claims: Claims) -> None:
@@ -165,7 +170,15 @@ class SseHandler(JsonHandler):
         while not self._done.is_set():
             left = claims.exp - time.time()
             if left <= 0:
-                self._send_error(ProtocolError("token_expired", "token expired; reconnect"))
+                why = "token expired; reconnect"
+                session = self.session
+                try:
+                    if session is not None and await self.node.backend.refresh(session):
+                        claims = session.claims  # the refresh hook extended it
+                        continue
+                except ProtocolError as exc:
+                    why = f"token expired: {exc.message}"
+                self._send_error(ProtocolError("token_expired", why))
                 self.end_stream(CloseCode.UNAUTHORIZED, "token expired")
                 return
             try:

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketHandler
 
+from gateway.core.backend import Caller, regrant
 from gateway.core.node import Node, parse_since
 from gateway.core.outbox import Outbox
 from gateway.core.session import Session
@@ -30,6 +31,9 @@ from gateway.security.ratelimit import AbuseCounter, TokenBucket
 from gateway.telemetry import tracing
 
 log = logging.getLogger("herald.ws")
+
+# RPCs one connection may have waiting on the backend at once.
+MAX_RPCS_IN_FLIGHT = 16
 
 # Shared, empty, never written: what an upgraded connection keeps of its HTTP headers.
 _NO_HEADERS = HTTPHeaders()
@@ -100,6 +104,8 @@ class GatewayWebSocket(WebSocketHandler):
         self.outbox: Outbox | None = None
         self._unauthenticated = False
         self._awaiting_pong = False
+        self._gone = False
+        self._rpcs = 0
 
     # -- handshake --------------------------------------------------------
 
@@ -191,6 +197,16 @@ class GatewayWebSocket(WebSocketHandler):
         self._left_unauthenticated()
         session = WsSession(self, self.client_id, claims)
         try:
+            extra = await self.node.backend.connect(session)
+        except ProtocolError as exc:
+            # Refused by the backend: credentials (4001); backend down: try later (1013).
+            self._send_error(exc, rid)
+            busy = exc.code == "unavailable"
+            self.close_with(CloseCode.OVERLOADED if busy else CloseCode.UNAUTHORIZED, exc.code)
+            return
+        if self._gone:
+            return  # the client left while the backend was asked
+        try:
             self.node.admit(session)
         except ProtocolError as exc:
             self._send_error(exc, rid)
@@ -198,16 +214,22 @@ class GatewayWebSocket(WebSocketHandler):
             return
         self.session = session
         self.node.metrics.connections.labels("ws").inc()
-        self._schedule_expiry(claims)
+        self._schedule_expiry(session.claims)
         connected = self.node.connected(self.session)
         if rid is not None:
             connected["id"] = rid
         self.session.send_json(connected)
         await self._subscribe_own_channel(claims.sub)
+        for channel in extra:
+            await self._server_subscribe(channel)
 
     async def _subscribe_own_channel(self, sub: str) -> None:
-        assert self.session is not None
-        channel = f"user:{sub}"
+        await self._server_subscribe(f"user:{sub}")
+
+    async def _server_subscribe(self, channel: str) -> None:
+        """A subscription the server makes (own channel, connect hook): no id, no check."""
+        if self.session is None:
+            return
         try:
             validate_channel(channel)
             await self.node.subscribe(self.session, channel, None, None, check=False)
@@ -223,7 +245,7 @@ class GatewayWebSocket(WebSocketHandler):
                 ProtocolError("unauthorized", "a refreshed token must keep its sub"), rid
             )
             return
-        self.session.claims = claims
+        self.session.claims = regrant(self.session, claims)
         self._schedule_expiry(claims)
         await self._recheck_subscriptions(claims)
         reply: dict[str, Any] = {"type": "authenticated", "expires": int(claims.exp)}
@@ -242,7 +264,7 @@ class GatewayWebSocket(WebSocketHandler):
         assert session is not None
         for channel in sorted(session.subscriptions - {f"user:{claims.sub}"}):
             try:
-                await self.node.authorize(claims, channel)
+                await self.node.authorize(claims, channel, Caller.of(session))
             except ProtocolError as exc:
                 if exc.code == "unavailable" or self.session is not session:
                     continue
@@ -265,7 +287,22 @@ class GatewayWebSocket(WebSocketHandler):
         self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
 
     def _token_expired(self) -> None:
+        if self.session is not None and self.node.backend.hooks.enabled("refresh"):
+            self.node.spawn(self._refresh_by_hook(self.session))
+            return
         self._fail_auth(ProtocolError("token_expired", "token expired; send a fresh auth"))
+
+    async def _refresh_by_hook(self, session: WsSession) -> None:
+        """The token expired: the backend's refresh hook may extend the connection."""
+        try:
+            expires = await self.node.backend.refresh(session)
+        except ProtocolError as exc:
+            if self.session is session:
+                self._fail_auth(ProtocolError("token_expired", f"token expired: {exc.message}"))
+            return
+        if self.session is session and expires is not None:
+            self._schedule_expiry(session.claims)
+            session.send_json({"type": "authenticated", "expires": int(expires)})
 
     def _fail_auth(self, exc: ProtocolError, rid: str | int | None = None) -> None:
         self._send_error(exc, rid)
@@ -314,15 +351,58 @@ class GatewayWebSocket(WebSocketHandler):
             if channel is None and isinstance(data, dict) and "jobId" in data:
                 channel = f"job:{data['jobId']}"
             since = parse_since(request.get("since"))
-            await self.node.subscribe(session, validate_channel(channel), since, rid)
+            join_leave = request.get("join_leave", False)
+            if not isinstance(join_leave, bool):
+                raise ProtocolError("bad_request", "join_leave must be true or false")
+            await self.node.subscribe(
+                session, validate_channel(channel), since, rid, join_leave=join_leave
+            )
         elif kind == "unsubscribe":
             channel = validate_channel(request.get("channel"))
             if channel not in session.subscriptions:
                 raise ProtocolError("not_found", f"not subscribed to {channel}")
             await self.node.unsubscribe(session, channel)
             self._reply({"type": "unsubscribed", "channel": channel}, rid)
+        elif kind == "publish":
+            pub = await self.node.client_publish(
+                session.claims, Caller.of(session), request.get("channel"),
+                request.get("event", "message"), request.get("data"),
+            )
+            self._reply(
+                {"type": "published", "channel": pub.channel, "epoch": pub.epoch,
+                 "offset": pub.offset},
+                rid,
+            )
+        elif kind == "rpc":
+            self._start_rpc(session, request, rid)
         else:
             raise ProtocolError("bad_request", f"unknown message type {kind!r}")
+
+    def _start_rpc(
+        self, session: WsSession, request: dict[str, Any], rid: str | int | None
+    ) -> None:
+        """Run an RPC beside the connection's other requests (its reply echoes the id),
+        at most `MAX_RPCS_IN_FLIGHT` at a time per connection."""
+        if rid is None:
+            raise ProtocolError("bad_request", "an rpc needs an id")
+        if self._rpcs >= MAX_RPCS_IN_FLIGHT:
+            raise ProtocolError("rate_limited", f"at most {MAX_RPCS_IN_FLIGHT} rpcs in flight")
+        self._rpcs += 1
+        self.node.spawn(self._rpc(session, request, rid))
+
+    async def _rpc(self, session: WsSession, request: dict[str, Any], rid: str | int) -> None:
+        try:
+            result = await self.node.rpc(
+                Caller.of(session), request.get("method"), request.get("params")
+            )
+            self._reply({"type": "rpc", "result": result}, rid)
+        except ProtocolError as exc:
+            self._send_error(exc, rid)
+        except Exception:
+            log.exception("rpc failed on %s", self.client_id)
+            self._send_error(ProtocolError("internal", "internal error"), rid)
+        finally:
+            self._rpcs -= 1
 
     def _reply(self, message: dict[str, Any], rid: str | int | None) -> None:
         if rid is not None:
@@ -377,6 +457,7 @@ class GatewayWebSocket(WebSocketHandler):
             self.node.metrics.unauthenticated.dec()
 
     def on_close(self) -> None:
+        self._gone = True
         self._left_unauthenticated()
         for timer in self._timers:
             timer.cancel()

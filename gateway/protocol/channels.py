@@ -36,6 +36,15 @@ class Namespace:
     history_size: int = 100
     history_ttl: float = 3600.0
     state: bool = False
+    # Subscribe access decided by the backend's subscribe hook (docs/hooks.md).
+    subscribe_hook: bool = False
+    # Clients may publish here (those allowed to subscribe; through the publish hook if set).
+    client_publish: bool = False
+    # Who is subscribed, across the cluster, at most `presence_limit` per channel;
+    # and whether subscribers may ask for join/leave events.
+    presence: bool = False
+    presence_limit: int = 1000
+    join_leave: bool = False
 
 
 BUILTIN_NAMESPACES: tuple[Namespace, ...] = (
@@ -75,8 +84,14 @@ def _checked(ns: Namespace) -> Namespace:
         raise ValueError(f"{ns.name}: history_size must be an integer >= 0")
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
         raise ValueError(f"{ns.name}: history_ttl must be a number of seconds > 0")
-    if not isinstance(ns.state, bool):
-        raise ValueError(f"{ns.name}: state must be true or false")
+    for flag in ("state", "subscribe_hook", "client_publish", "presence", "join_leave"):
+        if not isinstance(getattr(ns, flag), bool):
+            raise ValueError(f"{ns.name}: {flag} must be true or false")
+    limit = ns.presence_limit
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"{ns.name}: presence_limit must be an integer >= 1")
+    if ns.join_leave and not ns.presence:
+        raise ValueError(f"{ns.name}: join_leave needs presence")
     return ns
 
 

@@ -81,6 +81,19 @@ class AuthFailed(Exception):
     """The gateway refused the token and no `get_token` can replace it."""
 
 
+class HeraldError(Exception):
+    """An `error` frame answering an `rpc` or `publish` (`code` as in the protocol).
+
+    `unavailable` with "connection lost" means the outcome is unknown: the
+    connection dropped before the answer came.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
 class HeraldClient:
     def __init__(
         self,
@@ -124,6 +137,8 @@ class HeraldClient:
         self._iterating = False
         self._next_id = 1
         self._pending: dict[int, str] = {}
+        # rpc / publish requests waiting for their answer, by id.
+        self._calls: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._http = AsyncHTTPClient()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -155,6 +170,39 @@ class HeraldClient:
         if self._channels.pop(channel, None) is not None and self._ws is not None:
             with contextlib.suppress(websockets.ConnectionClosed):
                 await self._send({"type": "unsubscribe", "channel": channel})
+
+    async def rpc(self, method: str, params: Any = None) -> Any:
+        """Ask the application's backend (its RPC hook); returns its result.
+
+        Raises `HeraldError` with the gateway's code (`not_found`: no RPC hook,
+        `unavailable`: the backend could not answer, or the backend's own
+        code). Waits for a connection first: wrap in `asyncio.timeout` to bound it.
+        """
+        reply = await self._request({"type": "rpc", "method": method, "params": params})
+        return reply.get("result")
+
+    async def publish(self, channel: str, event: str, data: Any) -> dict[str, Any]:
+        """Publish as this client, where the namespace allows it; the `published` frame
+        (`channel`, `epoch`, `offset`). Raises `HeraldError` like `rpc`."""
+        return await self._request(
+            {"type": "publish", "channel": channel, "event": event, "data": data}
+        )
+
+    async def _request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        await self._connected.wait()
+        rid = self._next_id
+        self._next_id += 1
+        future = self._calls[rid] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send({**frame, "id": rid})
+            return await future
+        finally:
+            self._calls.pop(rid, None)
+
+    def _fail_calls(self) -> None:
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(HeraldError("unavailable", "connection lost"))
 
     def position(self, channel: str) -> tuple[str, int] | None:
         """The (epoch, offset) of the last update handed over for `channel`."""
@@ -275,6 +323,7 @@ class HeraldClient:
         finally:
             if refresher is not None:
                 refresher.cancel()
+            self._fail_calls()
 
     def _schedule_refresh(
         self, old: asyncio.Task[None] | None, expires: float | None
@@ -308,6 +357,15 @@ class HeraldClient:
 
     async def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
+        call = self._calls.get(frame.get("id")) if "id" in frame else None  # type: ignore[arg-type]
+        if call is not None and kind in ("rpc", "published", "error"):
+            if call.done():
+                return
+            if kind == "error":
+                call.set_exception(HeraldError(frame.get("code", ""), frame.get("message", "")))
+            else:
+                call.set_result(frame)
+            return
         if kind == "message":
             await self._on_message(frame)
         elif kind == "subscribed":

@@ -38,6 +38,8 @@ class Claims:
     exp: float
     roles: frozenset[str]
     channels: tuple[str, ...]
+    # The token's `info` claim (or the connect hook's): what presence shows of the client.
+    info: Any = None
 
     @property
     def admin(self) -> bool:
@@ -142,6 +144,7 @@ class Authenticator:
             exp=float(payload["exp"]),
             roles=frozenset(_str_set(_claim_path(payload, opts.jwt_roles_claim))),
             channels=tuple(_str_set(_claim_path(payload, opts.jwt_channels_claim))),
+            info=payload.get("info"),
         )
 
     async def _key_for(self, header: dict[str, Any]) -> Any:

@@ -128,6 +128,20 @@ class Metrics:
             ["hook", "outcome"],
             registry=r,
         )
+        self.presence_full = Counter(
+            "herald_presence_full_total",
+            "Subscriptions not listed in presence because the channel's list was full",
+            registry=r,
+        )
+        self.presence_errors = Counter(
+            "herald_presence_errors_total",
+            "Presence store calls that failed (store unreachable), by operation",
+            ["op"],
+            registry=r,
+        )
+        self.presence_events = Counter(
+            "herald_presence_events_total", "join/leave frames sent to subscribers", registry=r
+        )
         self.hook_duration = Histogram(
             "herald_hook_duration_seconds",
             "Backend hook call duration (calls that went out)",
