@@ -2,13 +2,16 @@
 
     herald-operator run [--namespace NS ...|--all-namespaces] [--redis-url URL]
                         [--interval S] [--peering NAME|--standalone] [--priority N]
+                        [--peering-lifetime S]
                         [--metrics-port P] [--health-port P] [--watch-timeout S]
     herald-operator crd        # the CustomResourceDefinition as YAML
 
 Every flag has an environment variable (shown in `--help`) so the chart can
 set them without a long command line. With `--peering`, several replicas
 share a kopf peering object: each takes a random priority unless given one,
-and only the highest-priority live replica acts; the others wait.
+and only the highest-priority live replica acts; the others wait. A replica
+that dies without leaving (SIGKILL, a lost node) is replaced once its
+keep-alive, renewed every second, is `--peering-lifetime` seconds old.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="no peering: this is the only replica")
     run.add_argument("--priority", type=int, default=None,
                      help="peering priority (default: random, so exactly one replica acts)")
+    run.add_argument("--peering-lifetime", type=int,
+                     default=int(_env_float("HERALD_OPERATOR_PEERING_LIFETIME", 6)),
+                     help="seconds a replica's peering keep-alive is valid: a killed active "
+                          "replica is replaced this long after its last keep-alive "
+                          "(env HERALD_OPERATOR_PEERING_LIFETIME)")
     run.add_argument("--metrics-port", type=int,
                      default=int(_env_float("HERALD_OPERATOR_METRICS_PORT", 9090)),
                      help="Prometheus metrics port, 0 = off (env HERALD_OPERATOR_METRICS_PORT)")
@@ -91,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                  "or --all-namespaces")
     if args.interval < 1:
         sys.exit("herald-operator: --interval must be at least 1 second")
+    if not 2 <= args.peering_lifetime <= 600:
+        sys.exit("herald-operator: --peering-lifetime must be 2..600 seconds")
     standalone = args.standalone or not args.peering
     priority = args.priority
     if not standalone and priority is None:
@@ -116,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         try:
             await kopf.operator(
                 registry=registry,
-                settings=handlers.settings(args.watch_timeout, priority, args.all_namespaces),
+                settings=handlers.settings(args.watch_timeout, priority, args.all_namespaces,
+                                           args.peering_lifetime),
                 standalone=standalone,
                 peering_name=None if standalone else args.peering,
                 priority=priority,

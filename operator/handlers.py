@@ -23,7 +23,7 @@ log = logging.getLogger("herald.operator")
 
 
 def settings(watch_timeout: float, peering_priority: int | None = None,
-             clusterwide: bool = False) -> kopf.OperatorSettings:
+             clusterwide: bool = False, peering_lifetime: int = 6) -> kopf.OperatorSettings:
     s = kopf.OperatorSettings()
     # Serving named namespaces needs no cluster-wide list/watch of namespaces and CRDs:
     # least privilege (a namespaced Role suffices); a new CRD version needs a restart.
@@ -40,6 +40,10 @@ def settings(watch_timeout: float, peering_priority: int | None = None,
     s.execution.max_workers = 4
     if peering_priority is not None:
         s.peering.priority = peering_priority
+    # kopf renews a keep-alive every max(1, lifetime - 5..10) s and a standby resumes
+    # when the active one's is `lifetime` old. kopf's 60 s left a killed replica's fleet
+    # unmanaged for most of a minute; 6 s means one PATCH per second per replica.
+    s.peering.lifetime = peering_lifetime
     return s
 
 

@@ -346,7 +346,7 @@ async def _condition(api: Api, kind: str, value: str) -> dict[str, Any] | None:
     return None
 
 
-async def test_peering_keeps_one_replica_active_and_fails_over(api, tmp_path, redis_url):
+async def test_peering_keeps_one_replica_active_and_fails_over_a_sigkill(api, tmp_path, redis_url):
     await api.post(ns_path("kopf.dev/v1", "kopfpeerings"), {
         "apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "herald"}})
 
@@ -377,10 +377,13 @@ async def test_peering_keeps_one_replica_active_and_fails_over(api, tmp_path, re
         assert "reconcile" not in standby.log_tail(10**6)
         assert "Timer 'tick'" not in standby.log_tail(10**6)
 
-        # The leader leaves: the standby takes over and acts on the next change.
-        await leader.stop()
+        # The leader is killed (no goodbye): the standby resumes once the leader's
+        # keep-alive is older than --peering-lifetime (6 s; benchmarks/operator_bench.py
+        # measures it), then acts on the next change.
+        leader.proc.kill()
+        leader.proc.wait()
         await wait_for(lambda: _logged(standby, "Resuming operations"), "the standby to resume",
-                       timeout=60, proc=standby)
+                       timeout=30, proc=standby)
         await api.patch(gateway_path("gw"), {"spec": {"image": "herald:failover"}})
 
         async def rolled_out():
