@@ -99,12 +99,21 @@ SPEC_SCHEMA: dict[str, Any] = {
                                             "Connections one replica should hold."),
         "targetMessagesPerReplica": _int(0, 0, 10_000_000,
                                          "Messages/s one replica should write (0 = ignore)."),
+        "tolerance": {"type": "number", "default": 0.1, "minimum": 0.0, "maximum": 1.0,
+                      "description": "No scaling while the load needs within this fraction "
+                                     "of the current replicas (as HPA's tolerance)."},
         "scaleUp": {
             "type": "object", "default": {},
-            "description": "Scale up at once, by a bounded step.",
+            "description": "Scale up by bounded steps, limited per period of time "
+                           "(independent of the operator's reconcile interval).",
             "properties": {
                 "minStep": _int(1, 1, REPLICA_LIMIT, "Fewest replicas one scale-up adds."),
-                "maxStep": _int(4, 1, REPLICA_LIMIT, "Most replicas one scale-up adds."),
+                "maxStep": _int(4, 1, REPLICA_LIMIT,
+                                "Most replicas added within any periodSeconds."),
+                "periodSeconds": _int(15, 1, 1800, "The period maxStep applies to."),
+                "stabilizationWindowSeconds": _int(
+                    0, 0, 3600, "Scale up to the lowest recommendation of this window "
+                                "(0: at once)."),
             },
             "x-kubernetes-validations": [
                 {"rule": "self.minStep <= self.maxStep",
@@ -113,10 +122,13 @@ SPEC_SCHEMA: dict[str, Any] = {
         },
         "scaleDown": {
             "type": "object", "default": {},
-            "description": "Scale down only after the lower recommendation held for the window.",
+            "description": "Scale down only after the lower recommendation held for the "
+                           "window, by bounded steps per period of time.",
             "properties": {
                 "stabilizationWindowSeconds": _int(300, 0, 3600),
-                "step": _int(1, 1, REPLICA_LIMIT, "Most replicas one scale-down removes."),
+                "step": _int(1, 1, REPLICA_LIMIT,
+                             "Most replicas removed within any periodSeconds."),
+                "periodSeconds": _int(15, 1, 1800, "The period step applies to."),
             },
         },
         "drainSeconds": _int(20, 1, 3600,
@@ -251,7 +263,14 @@ STATUS_SCHEMA: dict[str, Any] = {
         "observedGeneration": {"type": "integer"},
         "recommendations": {
             "type": "array",
-            "description": "Recent recommendations [unix time, replicas] (the scale-down window).",
+            "description": "Recent recommendations [unix time, replicas] (the windows).",
+            "x-kubernetes-list-type": "atomic",
+            "items": {"type": "array", "items": {"type": "number"}},
+        },
+        "scaleChanges": {
+            "type": "array",
+            "description": "Recent scale changes [unix time, replicas added or removed] "
+                           "(the per-period limits).",
             "x-kubernetes-list-type": "atomic",
             "items": {"type": "array", "items": {"type": "number"}},
         },

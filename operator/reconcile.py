@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from herald_operator import manifests, metrics
 from herald_operator.kube import Kube, path
-from herald_operator.policy import Decision, History, Load, clamp, decide
+from herald_operator.policy import Changes, Decision, History, Load, Memory, clamp, decide
 from herald_operator.rebalance import DELETION_COST, NodeLoad, deletion_costs, shed_plan
 from herald_operator.registry import NodeStats, RegistryPool, RegistryUnavailable
 from herald_operator.spec import GatewaySpec, SpecError, applied_spec, dropped_fields, parse_spec
@@ -119,14 +119,21 @@ def _ready(pod: dict[str, Any]) -> bool:
         for c in status.get("conditions") or [])
 
 
-def _history(status: Mapping[str, Any]) -> History:
+def _pairs(status: Mapping[str, Any], key: str) -> tuple[tuple[float, int], ...]:
+    """[[unix time, int], ...] from the status; a garbled entry is skipped, not fatal."""
     out = []
-    for item in status.get("recommendations") or []:
+    for item in status.get(key) or []:
         try:
             out.append((float(item[0]), int(item[1])))
         except (TypeError, ValueError, IndexError):
             continue
     return tuple(out)
+
+
+def _memory(status: Mapping[str, Any]) -> Memory:
+    history: History = _pairs(status, "recommendations")
+    changes: Changes = _pairs(status, "scaleChanges")
+    return Memory(history, changes)
 
 
 async def reconcile(ctx: Context, body: Mapping[str, Any], now: float) -> Outcome:
@@ -158,7 +165,7 @@ async def reconcile(ctx: Context, body: Mapping[str, Any], now: float) -> Outcom
     current = status.get("desiredReplicas")
     if current is None and deploy is not None:
         current = deploy.get("spec", {}).get("replicas")
-    decision = _decide(spec, current, nodes, running, _history(status), now)
+    decision = _decide(spec, current, nodes, running, _memory(status), now)
 
     if decision.direction == "down" and pods:
         await _mark_deletion_costs(ctx, namespace, pods, nodes or [])
@@ -200,7 +207,8 @@ async def reconcile(ctx: Context, body: Mapping[str, Any], now: float) -> Outcom
         "readyReplicas": ready,
         "selector": manifests.selector_string(name),
         "lastDecision": decision.reason,
-        "recommendations": [[t, r] for t, r in decision.history],
+        "recommendations": [[t, r] for t, r in decision.memory.history],
+        "scaleChanges": [[t, d] for t, d in decision.memory.changes],
         "conditions": conditions.as_list(),
     })
     if nodes is not None:
@@ -262,7 +270,7 @@ async def _read_registry(ctx: Context, spec: GatewaySpec, name: str, namespace: 
 
 
 def _decide(spec: GatewaySpec, current: int | None, nodes: list[NodeStats] | None,
-            running: int, history: History, now: float) -> Decision:
+            running: int, memory: Memory, now: float) -> Decision:
     if not spec.autoscale:
         fixed = clamp(spec.replicas if spec.replicas is not None else
                       (current or spec.scaling.min_replicas), spec.scaling)
@@ -270,17 +278,17 @@ def _decide(spec: GatewaySpec, current: int | None, nodes: list[NodeStats] | Non
         if current is not None and fixed != current:
             direction = "up" if fixed > current else "down"  # "down" sets deletion costs
         return Decision(fixed, direction, f"autoscale off: {fixed} replicas (spec.replicas)",
-                        None, history)
+                        None, memory)
     if current is None:
         start = spec.scaling.min_replicas
         return Decision(start, "hold", f"new fleet: starting at minReplicas ({start})",
-                        None, history)
+                        None, memory)
     load = None
     if nodes:
         load = Load(connections=sum(n.connections for n in nodes),
                     msgs_out_per_s=sum(n.msgs_out_per_s for n in nodes),
                     reporting=len(nodes), expected=max(running, len(nodes)))
-    return decide(spec.scaling, int(current), load, history, now)
+    return decide(spec.scaling, int(current), load, memory, now)
 
 
 async def _mark_deletion_costs(ctx: Context, namespace: str, pods: list[dict[str, Any]],

@@ -106,10 +106,14 @@ class ScalingSpec:
     max_replicas: int = 10
     target_connections: int = 5000
     target_messages: int = 0
+    tolerance: float = 0.1
     up_min_step: int = 1
-    up_max_step: int = 4
+    up_max_step: int = 4  # replicas added within any `up_period` seconds, at most
+    up_period: float = 15.0
+    up_window: float = 0.0
     down_window: float = 300.0
-    down_step: int = 1
+    down_step: int = 1  # replicas removed within any `down_period` seconds, at most
+    down_period: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -157,10 +161,14 @@ def parse_spec(raw: dict[str, Any] | None) -> GatewaySpec:
             max_replicas=spec["maxReplicas"],
             target_connections=spec["targetConnectionsPerReplica"],
             target_messages=spec["targetMessagesPerReplica"],
+            tolerance=float(spec["tolerance"]),
             up_min_step=up["minStep"],
             up_max_step=up["maxStep"],
+            up_period=float(up["periodSeconds"]),
+            up_window=float(up["stabilizationWindowSeconds"]),
             down_window=float(down["stabilizationWindowSeconds"]),
             down_step=down["step"],
+            down_period=float(down["periodSeconds"]),
         ),
         autoscale=spec["autoscale"],
         replicas=spec.get("replicas"),

@@ -284,6 +284,10 @@ def test_realtimegateway_from_values_matches_crd_and_operator(
     assert spec.scaling.max_replicas == values["maxReplicas"]
     assert spec.scaling.target_connections == values["targetConnectionsPerReplica"]
     assert spec.scaling.down_window == values["scaleDown"]["stabilizationWindowSeconds"]
+    assert spec.scaling.down_period == values["scaleDown"]["periodSeconds"]
+    assert spec.scaling.up_period == values["scaleUp"]["periodSeconds"]
+    assert spec.scaling.up_window == values["scaleUp"]["stabilizationWindowSeconds"]
+    assert spec.scaling.tolerance == values["tolerance"]
     assert spec.drain_seconds == values["drainSeconds"]
     assert spec.redis_secret is not None and spec.redis_secret.name == "rel-herald-redis"
     assert spec.raw["auth"]["jwtSecretRef"]["name"] == "rel-herald-auth"

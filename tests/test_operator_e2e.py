@@ -257,8 +257,9 @@ async def test_operator_scales_real_gateways_and_no_client_loses_a_message(
                     "spec": {"image": "herald:test", "redis": {"url": redis_url},
                              "minReplicas": 1, "maxReplicas": 3,
                              "targetConnectionsPerReplica": 20,
-                             "scaleUp": {"maxStep": 2},
-                             "scaleDown": {"stabilizationWindowSeconds": 4, "step": 1},
+                             "scaleUp": {"maxStep": 2, "periodSeconds": 1},
+                             "scaleDown": {"stabilizationWindowSeconds": 4, "step": 1,
+                                           "periodSeconds": 1},
                              "drainSeconds": 2,
                              "rebalancing": {"enabled": True, "threshold": 0.2,
                                              "maxShedPerSecond": 10}}})

@@ -52,8 +52,8 @@ GATEWAY: dict[str, Any] = {
         "minReplicas": 2,
         "maxReplicas": 6,
         "targetConnectionsPerReplica": 100,
-        "scaleUp": {"maxStep": 2},
-        "scaleDown": {"stabilizationWindowSeconds": 6, "step": 1},
+        "scaleUp": {"maxStep": 2, "periodSeconds": 1},
+        "scaleDown": {"stabilizationWindowSeconds": 6, "step": 1, "periodSeconds": 1},
         "drainSeconds": 7,
         "rebalancing": {"enabled": False},
     },
@@ -317,7 +317,8 @@ async def test_rebalancing_asks_the_fullest_gateways_to_shed_within_the_budget(
 async def test_stale_registry_never_scales_down(api, operator, redis_url):
     client = redis.Redis.from_url(redis_url)
     proc = operator()
-    await api.post(GATEWAYS, gateway(scaleDown={"stabilizationWindowSeconds": 1, "step": 5}))
+    await api.post(GATEWAYS, gateway(scaleDown={"stabilizationWindowSeconds": 1, "step": 5,
+                                              "periodSeconds": 1}))
     async with FleetController(api, "gw") as fleet:
         async def loaded():
             for pod in await fleet.pods():
