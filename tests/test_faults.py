@@ -7,9 +7,13 @@ client was told it has may be lost, silently or otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import redis.asyncio as aioredis
+
+from tests.conftest import token
+from tests.support import publish
 
 
 async def numsub(redis_url: str, channel: str) -> int:
@@ -50,3 +54,39 @@ def test_the_proxy_forwards_stalls_heals_and_resets(fault_proxy):
         assert reset  # an RST, not a clean FIN
     assert fault_proxy.stats.bytes_up == 12 and fault_proxy.stats.bytes_down == 14
     assert fault_proxy.stats.connections == 1 and fault_proxy.stats.resets == 1
+
+
+# -- issue 16 item 1: the silent loss ----------------------------------------------
+
+
+async def test_a_subscribe_retried_during_a_stall_is_live_after_heal(
+    fault_proxy, redis_url, make_gateway, ws_client
+):
+    """Stall, subscribe (times out: `unavailable`), subscribe again, heal.
+
+    The retry must end `subscribed` with Redis really subscribed, and the
+    next publication delivered: before the fix the first SUBSCRIBE's late
+    confirmation answered the retry while the hub's UNSUBSCRIBE of the
+    failed attempt won in Redis, so NUMSUB was 0 and nothing arrived, ever.
+    """
+    gw = await make_gateway(redis_url=fault_proxy.url)
+    client = await ws_client(gw, token("ann"))
+    fault_proxy.stall()
+    first = await client.request({"type": "subscribe", "id": 1, "channel": "public:lost"}, 15)
+    assert first["type"] == "error" and first["code"] == "unavailable", first
+    await client.send({"type": "subscribe", "id": 2, "channel": "public:lost"})
+    await asyncio.sleep(0.3)
+    fault_proxy.heal()
+    reply = await client.recv(15)
+    rid = 2
+    while reply["type"] == "error":  # a retry refused while stalled: the client retries
+        assert reply["code"] == "unavailable", reply
+        rid += 1
+        await asyncio.sleep(0.2)
+        reply = await client.request({"type": "subscribe", "id": rid, "channel": "public:lost"},
+                                     15)
+    assert reply["type"] == "subscribed" and reply["id"] == rid, reply
+    assert await numsub(redis_url, "public:lost") == 1
+    await publish(gw, "public:lost", "note", {"n": 1})
+    message = await client.expect("message", 5)
+    assert message["channel"] == "public:lost" and message["data"] == {"n": 1}
