@@ -44,6 +44,8 @@ def _bool(raw: str) -> bool:
 ENGINES = ("memory", "redis")
 KNOWN_ENVS = frozenset({"development", "dev", "production", "prod"})
 _POSITIVE = (
+    "redis_timeout",
+    "redis_stall_seconds",
     "auth_timeout",
     "max_frame_bytes",
     "max_json_depth",
@@ -60,7 +62,7 @@ _POSITIVE = (
     "hook_breaker_cooldown",
     "presence_ttl",
 )
-_NON_NEGATIVE = ("heartbeat", "drain_seconds", "jwt_leeway")
+_NON_NEGATIVE = ("heartbeat", "drain_seconds", "jwt_leeway", "redis_audit_seconds")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,12 @@ class Settings:
     engine: str = ""
     redis_url: str = ""
     redis_prefix: str = "herald:"
+    # Seconds a Redis command (or a subscribe's confirmation) may take before `unavailable`.
+    redis_timeout: float = 5.0
+    # Seconds of pub/sub silence after which the gateway is not ready (a stalled link).
+    redis_stall_seconds: float = 3.0
+    # Seconds between audits of the pub/sub subscriptions against Redis's own count (0 = off).
+    redis_audit_seconds: float = 30.0
     # Authentication of clients (JWT) and publishers (API key).
     jwt_secret: str = ""
     jwt_public_key: str = ""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import redis.asyncio as aioredis
 
 from tests.conftest import token
-from tests.support import publish
+from tests.support import http, publish
 
 
 async def numsub(redis_url: str, channel: str) -> int:
@@ -69,7 +70,9 @@ async def test_a_subscribe_retried_during_a_stall_is_live_after_heal(
     confirmation answered the retry while the hub's UNSUBSCRIBE of the
     failed attempt won in Redis, so NUMSUB was 0 and nothing arrived, ever.
     """
-    gw = await make_gateway(redis_url=fault_proxy.url)
+    # Stall detection slower than the subscribe timeout: the retry waits, as it did then.
+    gw = await make_gateway(redis_url=fault_proxy.url, redis_timeout=2.0,
+                            redis_stall_seconds=30.0)
     client = await ws_client(gw, token("ann"))
     fault_proxy.stall()
     first = await client.request({"type": "subscribe", "id": 1, "channel": "public:lost"}, 15)
@@ -90,3 +93,67 @@ async def test_a_subscribe_retried_during_a_stall_is_live_after_heal(
     await publish(gw, "public:lost", "note", {"n": 1})
     message = await client.expect("message", 5)
     assert message["channel"] == "public:lost" and message["data"] == {"n": 1}
+
+
+# -- issue 16 item 2: readiness that sees a stall ------------------------------------
+
+
+async def wait_for_status(gw, path: str, status: int, deadline: float = 20.0) -> float:
+    """Poll `path` until it answers `status`; returns the seconds it took (bounded)."""
+    start = time.monotonic()
+    while True:
+        got, _ = await http(gw, "GET", path)
+        if got == status:
+            return time.monotonic() - start
+        assert time.monotonic() - start < deadline, f"{path} still {got}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_stall_makes_the_gateway_not_ready_and_subscribes_fail_fast(
+    fault_proxy, make_gateway, ws_client
+):
+    gw = await make_gateway(redis_url=fault_proxy.url, redis_stall_seconds=1.0)
+    client = await ws_client(gw, token("bo"))
+    assert (await http(gw, "GET", "/readyz"))[0] == 200
+    fault_proxy.stall()
+    took = await wait_for_status(gw, "/readyz", 503)
+    print(f"not ready {took:.2f}s after the stall (bound: stall_seconds 1.0 + a ping interval)")
+    started = time.monotonic()
+    reply = await client.request({"type": "subscribe", "id": 1, "channel": "public:s"})
+    assert reply["code"] == "unavailable" and "not answering" in reply["message"], reply
+    assert time.monotonic() - started < 1.0  # refused at once, not after the command timeout
+    fault_proxy.heal()
+    await wait_for_status(gw, "/readyz", 200)
+    reply = await client.request({"type": "subscribe", "id": 2, "channel": "public:s"})
+    assert reply["type"] == "subscribed", reply
+    await publish(gw, "public:s", "note", {"n": 1})
+    assert (await client.expect("message"))["data"] == {"n": 1}
+    assert gw.node.metrics.registry.get_sample_value("herald_broker_stalls_total") == 1
+
+
+# -- the audit ---------------------------------------------------------------------
+
+
+async def test_the_audit_repairs_a_subscription_redis_lost_and_closes_the_gap(
+    redis_url, make_gateway, ws_client
+):
+    gw = await make_gateway(redis_url=redis_url, redis_audit_seconds=0.3)
+    client = await ws_client(gw, token("cy"))
+    reply = await client.request({"type": "subscribe", "id": 1, "channel": "public:drift"})
+    assert reply["type"] == "subscribed"
+    # Redis drops the subscription behind the gateway's back (standing for any
+    # bookkeeping bug, like the one of issue 16): fan-in of the channel stops.
+    broker = gw.node.broker
+    broker._write(broker._conn, "UNSUBSCRIBE", "herald:pub:public:drift")
+    for _ in range(100):
+        if await numsub(redis_url, "public:drift") == 0:
+            break
+        await asyncio.sleep(0.02)
+    await publish(gw, "public:drift", "note", {"n": 1})  # published while nobody listens
+    message = await client.expect("message", 10)  # the audit resubscribed and closed the gap
+    assert message["data"] == {"n": 1}
+    await publish(gw, "public:drift", "note", {"n": 2})
+    assert (await client.expect("message"))["data"] == {"n": 2}
+    assert await numsub(redis_url, "public:drift") == 1
+    drift = gw.node.metrics.registry.get_sample_value("herald_broker_subscription_drift_total")
+    assert drift == 1

@@ -12,7 +12,13 @@ def create_broker(settings: Settings) -> Broker:
     if settings.broker_engine == "redis":
         from gateway.broker.redis import RedisBroker
 
-        return RedisBroker(settings.redis_url, prefix=settings.redis_prefix)
+        return RedisBroker(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            timeout=settings.redis_timeout,
+            stall_seconds=settings.redis_stall_seconds,
+            audit_seconds=settings.redis_audit_seconds,
+        )
     from gateway.broker.memory import MemoryBroker
 
     return MemoryBroker()

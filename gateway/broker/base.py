@@ -40,6 +40,10 @@ class Broker(abc.ABC):
         # that a node only receives what its own clients watch.
         self.messages_in = 0
         self.reconnects = 0
+        # Fan-in connections found silent (stalled), and subscriptions found
+        # out of step with the engine by its audit (then repaired).
+        self.stalls = 0
+        self.drift = 0
 
     def bind(self, on_publication: OnPublication, on_resubscribed: OnResubscribed) -> None:
         """Wire the engine to its node.

@@ -11,6 +11,16 @@ re-subscribes everything and, before handing over anything it received
 meanwhile, awaits the node's `on_resubscribed` for those channels, which
 closes each gap from the history (or reports the epoch change): the engine
 never re-reads history itself (gateway.core.recovery).
+
+A network that lies is expected too. Which channel is subscribed is kept by
+a state machine (`subscriptions.py`) that matches every reply to the
+command it answers, so timeouts, retries and interleaved unsubscribes
+cannot leave a channel confirmed to the node but unsubscribed in Redis. A
+pub/sub connection silent for `stall_seconds` (a stall: no FIN, no RST)
+makes the engine not ready at once, and is dropped after three times that.
+A periodic audit compares the connection's own subscription count in Redis
+(`CLIENT LIST ID`) with the table, and on drift counts it and reconnects,
+which re-subscribes everything and has the node close each channel's gap.
 """
 
 from __future__ import annotations
@@ -26,11 +36,12 @@ import hiredis
 import orjson
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.broker.base import Broker
 from gateway.broker.redis_scripts import PUBLISH, READ, Keys
+from gateway.broker.subscriptions import Released, SubscriptionTable
 from gateway.cluster.connect import COMMAND_TIMEOUT, connect
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable, ProtocolError
@@ -39,10 +50,17 @@ from gateway.protocol.publication import History, Publication, Snapshot, new_epo
 log = logging.getLogger("herald.redis")
 
 OWNER_TTL = 7 * 86400
-PING_INTERVAL = 5.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
+# The pub/sub connection is pinged every third of this when idle; silent for
+# this long it is stalled (not ready), for three times this long it is dropped.
+STALL_SECONDS = 3.0
+AUDIT_SECONDS = 30.0
 READ_CHUNK = 256 * 1024
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _json_str(value: str) -> str:
@@ -60,50 +78,65 @@ def _decode(entries: list[Any], horizon: float) -> list[Publication]:
 
 
 class RedisBroker(Broker):
-    def __init__(self, url: str, *, prefix: str = "herald:") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "herald:",
+        timeout: float = COMMAND_TIMEOUT,
+        stall_seconds: float = STALL_SECONDS,
+        audit_seconds: float = AUDIT_SECONDS,
+    ) -> None:
         super().__init__()
         self.url = url
         self.keys = Keys(prefix)
-        self.client = connect(url)
+        self.timeout = timeout
+        self.stall_seconds = stall_seconds
+        self.audit_seconds = audit_seconds
+        self.client = connect(url, timeout)
         self._publish = self.client.register_script(PUBLISH)
         self._read = self.client.register_script(READ)
-        # Channels the hub wants.
-        self._wanted: set[str] = set()
-        self._confirm: dict[str, asyncio.Future[None]] = {}
-        self._batch_sub: set[str] = set()
-        self._batch_unsub: set[str] = set()
+        # Channels the hub wants, and their pub/sub state.
+        self._subs = SubscriptionTable()
+        self._wanted = self._subs.wanted
         self._flush_scheduled = False
         self._conn: Connection | None = None
+        self._client_id: int | None = None  # the pub/sub connection's, for the audit
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._last_read = 0.0
+        self._stalled = False
         self._parser = hiredis.Reader()
         self._backlog: list[Any] = []
+        self._auditor: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._run_reader(), name="herald-redis-reader")
+        if self.audit_seconds > 0:
+            self._auditor = asyncio.create_task(self._audit_loop(), name="herald-redis-audit")
         try:
-            await asyncio.wait_for(self._connected.wait(), COMMAND_TIMEOUT)
+            await asyncio.wait_for(self._connected.wait(), self.timeout)
         except TimeoutError:
             log.warning("redis not reachable at start; serving as not ready and retrying")
 
     async def close(self) -> None:
         self._closing = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._auditor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._conn is not None:
             await self._conn.disconnect()
         await self.client.aclose()
 
     @property
     def ready(self) -> bool:
-        return self._connected.is_set()
+        """Connected, resynchronised, and heard from within `stall_seconds`."""
+        return self._connected.is_set() and not self._stalled
 
     # -- commands ----------------------------------------------------------
 
@@ -205,34 +238,31 @@ class RedisBroker(Broker):
     # -- subscriptions (batched) ---------------------------------------------
 
     async def subscribe(self, channels: list[str]) -> None:
+        """Returns once Redis confirmed every channel (see `subscriptions.py` for when)."""
         if not self._connected.is_set():
             raise BrokerUnavailable("redis pub/sub is not connected")
+        if self._stalled:
+            raise BrokerUnavailable("redis pub/sub is not answering")
         loop = asyncio.get_running_loop()
-        waits = []
-        for channel in channels:
-            self._wanted.add(channel)
-            self._batch_unsub.discard(channel)
-            fut = self._confirm.get(channel)
-            if fut is None:
-                fut = self._confirm[channel] = loop.create_future()
-                self._batch_sub.add(channel)
-            waits.append(fut)
+        waits = [(c, fut) for c in channels if (fut := self._subs.want(c, loop)) is not None]
+        if not waits:
+            return
         self._schedule_flush()
         try:
-            await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, waits)), COMMAND_TIMEOUT)
+            await asyncio.wait_for(
+                asyncio.gather(*(asyncio.shield(fut) for _, fut in waits)), self.timeout
+            )
         except TimeoutError:
             raise BrokerUnavailable("redis did not confirm the subscription") from None
+        except Released as exc:
+            raise BrokerUnavailable(str(exc)) from None
+        finally:
+            for channel, fut in waits:
+                self._subs.forget_waiter(channel, fut)
 
     async def unsubscribe(self, channels: list[str]) -> None:
         for channel in channels:
-            self._wanted.discard(channel)
-            if channel in self._batch_sub:
-                self._batch_sub.discard(channel)
-                fut = self._confirm.pop(channel, None)
-                if fut is not None and not fut.done():
-                    fut.cancel()
-            else:
-                self._batch_unsub.add(channel)
+            self._subs.release(channel)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -241,29 +271,26 @@ class RedisBroker(Broker):
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Send what this loop turn's subscribes and unsubscribes changed, as two commands."""
         self._flush_scheduled = False
         conn = self._conn
-        if conn is None or not self._connected.is_set():
-            return  # the reconnect re-subscribes everything wanted
-        subs = [self.keys.pubsub(c) for c in self._batch_sub]
-        unsubs = [self.keys.pubsub(c) for c in self._batch_unsub if c not in self._wanted]
-        self._batch_sub.clear()
-        self._batch_unsub.clear()
-        for command, names in (("SUBSCRIBE", subs), ("UNSUBSCRIBE", unsubs)):
-            if names:
-                self._spawn(self._send(conn, command, names))
+        if conn is None or not self._subs.live:
+            return  # the reconnect re-subscribes everything wanted, then flushes
+        subs, unsubs = self._subs.commands()
+        for command, channels in (("SUBSCRIBE", subs), ("UNSUBSCRIBE", unsubs)):
+            if channels:
+                self._write(conn, command, *map(self.keys.pubsub, channels))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _write(self, conn: Connection, *args: Any) -> None:
+        """Queue one command on the pub/sub connection, synchronously.
 
-    async def _send(self, conn: Connection, command: str, names: list[str]) -> None:
-        try:
-            await conn.send_command(command, *names)
-        except (RedisError, OSError) as exc:
-            log.warning("%s failed: %s; the reader will reconnect", command, exc)
-            await conn.disconnect()
+        No await, so commands reach the socket in the order they were
+        decided, which is the order Redis answers them in: the subscription
+        table relies on it. A broken connection is the reader's to notice.
+        """
+        writer = conn._writer  # redis-py's StreamWriter for this connection
+        if writer is not None and not writer.is_closing():
+            writer.writelines(conn.pack_command(*args))
 
     # -- the reader ----------------------------------------------------------
 
@@ -305,17 +332,18 @@ class RedisBroker(Broker):
         self._conn = conn
         self._parser = hiredis.Reader()
         self._backlog = []
-        wanted = list(self._wanted)
+        self._stalled = False
+        self._client_id = await self._own_id(conn)
+        wanted = self._subs.reconnected()
         names = [self.keys.pubsub(c) for c in wanted]
-        self._batch_sub.clear()
-        self._batch_unsub.clear()
         if names:
-            await conn.send_command("SUBSCRIBE", *names)
+            self._write(conn, "SUBSCRIBE", *names)
             pending = set(names)
             while pending:
-                for reply in await asyncio.wait_for(self._read_chunk(conn), COMMAND_TIMEOUT):
+                for reply in await asyncio.wait_for(self._read_chunk(conn), self.timeout):
                     if reply[0] == b"subscribe":
                         pending.discard(reply[1].decode())
+                        self._on_subscription_reply(reply)
                     else:
                         self._backlog.append(reply)  # handed over after the resync
         if wanted:
@@ -323,8 +351,8 @@ class RedisBroker(Broker):
             # before anything received since is handed over.
             await self._on_resubscribed(wanted)
         self._connected.set()
-        for channel in list(self._wanted):
-            self._confirmed(channel)
+        self._subs.go_live()
+        self._flush()  # what was released while connecting
 
     async def _read_chunk(self, conn: Connection) -> list[Any]:
         """Every complete reply in the next chunk from the socket.
@@ -348,10 +376,20 @@ class RedisBroker(Broker):
             replies.append(reply)
         return replies
 
-    def _confirmed(self, channel: str) -> None:
-        fut = self._confirm.pop(channel, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    async def _own_id(self, conn: Connection) -> int | None:
+        """The connection's CLIENT ID, which the audit looks itself up by (None: not allowed)."""
+        try:
+            await conn.send_command("CLIENT", "ID")
+            return int(await asyncio.wait_for(conn.read_response(), self.timeout))
+        except ResponseError as exc:
+            log.warning("CLIENT ID refused (%s): the subscription audit is off", exc)
+            return None
+
+    def _on_subscription_reply(self, reply: Any) -> None:
+        name = reply[1].decode()
+        prefix = self.keys.pubsub_prefix
+        if name.startswith(prefix):
+            self._subs.reply(reply[0] == b"subscribe", name[len(prefix):])
 
     async def _read_loop(self) -> None:
         """Read pub/sub messages until the connection fails.
@@ -371,9 +409,13 @@ class RedisBroker(Broker):
             while True:
                 replies = await self._read_chunk(conn)
                 self._last_read = time.monotonic()
+                if self._stalled:
+                    self._stalled = False
+                    log.warning("redis pub/sub answering again: ready")
                 self._handle(replies)
         finally:
             watchdog.cancel()
+            self._subs.disconnected()
 
     def _handle(self, replies: list[Any]) -> None:
         prefix = self.keys.pubsub_prefix
@@ -391,19 +433,75 @@ class RedisBroker(Broker):
                     self.messages_in += 1
                     if name[plen:] in wanted:
                         on_publication(Publication.from_record(orjson.loads(reply[2])))
-            elif kind == b"subscribe":
-                self._confirmed(reply[1].decode()[plen:])
+            elif kind == b"subscribe" or kind == b"unsubscribe":
+                self._on_subscription_reply(reply)
 
     async def _watchdog(self, conn: Connection) -> None:
-        """PING the pub/sub connection when idle; drop it after 3 silent intervals."""
+        """PING the pub/sub connection when idle; report a stall, then drop the connection.
+
+        A stalled link (no FIN, no RST: a partition, a frozen peer) is not a
+        closed one: without this the engine would look ready until TCP gave
+        up, minutes later. Silent for `stall_seconds`, the engine is not
+        ready (so `/readyz` fails and subscribes answer `unavailable` at
+        once); silent for three times that, the connection is dropped and
+        the reader reconnects and resynchronises.
+        """
+        interval = self.stall_seconds / 3
         while True:
-            await asyncio.sleep(PING_INTERVAL)
-            if time.monotonic() - self._last_read > 3 * PING_INTERVAL:
-                log.warning("redis pub/sub connection silent; reconnecting")
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - self._last_read
+            if silent > 3 * self.stall_seconds:
+                log.warning("redis pub/sub silent for %.1fs; reconnecting", silent)
                 await conn.disconnect()
                 return
+            if silent > self.stall_seconds and not self._stalled:
+                self._stalled = True
+                self.stalls += 1
+                log.warning("redis pub/sub silent for %.1fs: not ready", silent)
+            if silent >= interval:
+                self._write(conn, "PING")
+
+    # -- the audit ------------------------------------------------------------
+
+    async def _audit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.audit_seconds)
             try:
-                await conn.send_command("PING")
-            except (RedisError, OSError):
-                await conn.disconnect()
-                return
+                await self.audit()
+            except (BrokerUnavailable, RedisError) as exc:
+                log.debug("subscription audit skipped: %s", exc)
+
+    async def audit(self) -> int:
+        """Compare this connection's subscriptions in Redis with the table; repair drift.
+
+        Redis's own count for the pub/sub connection (`CLIENT LIST ID`,
+        field `sub`) must equal what the table says it holds whenever nothing
+        is in flight. If not, whatever the cause, the difference is counted
+        (`herald_broker_subscription_drift`) and the connection dropped: the
+        reconnect subscribes exactly what is wanted and the node closes every
+        gap. Returns the drift found (0 when in step, or when the table moved
+        while it looked: the next audit looks again).
+        """
+        conn, subs = self._conn, self._subs
+        if conn is None or self._client_id is None or not subs.live or not subs.quiescent:
+            return 0
+        mark = subs.sent
+        listing = await self._cmd(
+            self.client.execute_command("CLIENT", "LIST", "ID", str(self._client_id))
+        )
+        if conn is not self._conn or not subs.live or subs.sent != mark or not subs.quiescent:
+            return 0
+        fields = dict(item.split("=", 1) for item in _text(listing).split() if "=" in item)
+        if "sub" not in fields:
+            return 0  # the connection is gone: the reader is reconnecting anyway
+        held, expected = int(fields["sub"]), subs.expected()
+        if held == expected:
+            return 0
+        drift = abs(held - expected)
+        self.drift += drift
+        log.warning(
+            "redis holds %d subscriptions for this gateway, which expects %d; resubscribing",
+            held, expected,
+        )
+        await conn.disconnect()
+        return drift

@@ -15,7 +15,7 @@ COMMAND_TIMEOUT = 5.0
 POOL_SIZE = 64
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str, timeout: float = COMMAND_TIMEOUT) -> aioredis.Redis:
     """A client for `redis://`, `rediss://` (TLS), or `redis+sentinel://`.
 
     Sentinel form: `redis+sentinel://[user:password@]host1:port1,host2:port2/<master>[/db]`
@@ -43,7 +43,7 @@ def connect(url: str) -> aioredis.Redis:
             username=unquote(parsed.username) if parsed.username else None,
             password=unquote(parsed.password) if parsed.password else None,
             db=int(parts[1]) if len(parts) > 1 else 0,
-            socket_timeout=COMMAND_TIMEOUT,
+            socket_timeout=timeout,
             protocol=2,
         )
         return sentinel.master_for(parts[0])
@@ -53,8 +53,8 @@ def connect(url: str) -> aioredis.Redis:
         url,
         protocol=2,  # pub/sub replies as plain arrays, which _read_chunk parses
         max_connections=POOL_SIZE,
-        timeout=COMMAND_TIMEOUT,
-        socket_timeout=COMMAND_TIMEOUT,
-        socket_connect_timeout=COMMAND_TIMEOUT,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
     )
     return aioredis.Redis(connection_pool=pool)

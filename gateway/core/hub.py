@@ -105,11 +105,12 @@ class Hub:
             except BaseException as exc:
                 ready.set_exception(exc)
                 ready.exception()  # retrieved: waiters re-raise it themselves
-                if self._discard(sub, channel):
+                if self._abandon(ch, channel):
                     await self._release(channel)
                 raise
             finally:
-                self._pending.pop(channel, None)
+                if self._pending.get(channel) is ready:
+                    del self._pending[channel]
             return
         self._recover(ch, sub)
         pending = self._pending.get(channel)
@@ -120,9 +121,28 @@ class Hub:
                 self._discard(sub, channel)
                 raise
 
+    def _abandon(self, ch: _Channel, channel: str) -> bool:
+        """A first subscribe failed: the channel is not fed, so nobody in it stays.
+
+        Whoever joined while it was pending fails with it (they re-raise the
+        same error); none may stay behind believing the channel live, and a
+        later subscribe starts over. True if the broker subscription, still
+        the hub's, must be released; False when the subscribers had all left
+        already (their removal released it) and a retry may hold it anew.
+        """
+        if self._channels.get(channel) is not ch:
+            return False
+        self.subscription_count -= len(ch)
+        del self._channels[channel]
+        return True
+
     async def _release(self, channel: str) -> None:
-        """Drop the broker subscription of a failed first subscribe (best effort):
-        a confirmation that arrives late must not leave it held for nobody."""
+        """Drop the broker subscription of a failed first subscribe (best effort).
+
+        A confirmation that arrives late must not leave it held for nobody;
+        and a retry that comes meanwhile is the engine's to get right (it
+        subscribes again after this release, see broker/subscriptions.py).
+        """
         try:
             await self._broker.unsubscribe([channel])
         except BrokerUnavailable:

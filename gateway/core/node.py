@@ -113,6 +113,8 @@ class Node:
         return {
             "up": float(self.broker.ready),
             "reconnects": float(self.broker.reconnects),
+            "stalls": float(self.broker.stalls),
+            "drift": float(self.broker.drift),
             "messages_in": float(self.broker.messages_in),
             "draining": float(self.draining),
         }

@@ -175,6 +175,16 @@ class _NodeCollector(Collector):
             value=values["reconnects"],
         )
         yield CounterMetricFamily(
+            "herald_broker_stalls",
+            "Times the engine's pub/sub connection went silent (not ready until it answers)",
+            value=values["stalls"],
+        )
+        yield CounterMetricFamily(
+            "herald_broker_subscription_drift",
+            "Subscriptions the periodic audit found out of step with Redis (then repaired)",
+            value=values["drift"],
+        )
+        yield CounterMetricFamily(
             "herald_broker_messages_in",
             "Publications received from the engine for local subscribers",
             value=values["messages_in"],
