@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
+import orjson
 import pytest
 
 from gateway.broker.presence import Member, MemoryPresence, Presence
 from gateway.broker.redis_presence import RedisPresence
-from gateway.cluster.connect import connect
+from gateway.cluster.connect import connect as redis_connect
+from tests.conftest import api_headers, token
+from tests.support import http
+from tests.test_cluster import connect, http_json, wait_until
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -21,7 +27,7 @@ async def make_presence(request, redis_url) -> AsyncIterator[Callable[..., Prese
     async def make(ttl: float = 3.0) -> Presence:
         if request.param == "memory":
             return shared  # one process: every "gateway" shares it
-        p = RedisPresence(connect(redis_url), ttl=ttl)
+        p = RedisPresence(redis_connect(redis_url), ttl=ttl)
         await p.start()
         made.append(p)
         return p
@@ -79,8 +85,8 @@ async def test_a_channel_lists_at_most_its_limit(make_presence):
 
 
 async def test_a_redis_gateway_that_stops_refreshing_loses_its_members(redis_url):
-    alive = RedisPresence(connect(redis_url), ttl=0.6)
-    dead = RedisPresence(connect(redis_url), ttl=0.6)
+    alive = RedisPresence(redis_connect(redis_url), ttl=0.6)
+    dead = RedisPresence(redis_connect(redis_url), ttl=0.6)
     await alive.start()
     await dead.start()
     seen = events_of(alive)
@@ -96,3 +102,120 @@ async def test_a_redis_gateway_that_stops_refreshing_loses_its_members(redis_url
     assert [m.client for m in await alive.members("room:k")] == ["c-live"]
     assert ("leave", "room:k", "c-live") not in seen  # the live one is kept alive
     await alive.close()
+
+
+# -- through gateways ---------------------------------------------------------
+
+ROOMS = orjson.dumps({"room": {"access": "authenticated", "presence": True, "join_leave": True,
+                               "presence_limit": 500}}).decode()
+
+
+async def test_presence_and_join_leave_on_one_gateway(make_gateway, ws_client):
+    gw = await make_gateway(namespaces=ROOMS)
+    watcher = await ws_client(gw, token("w", extra={"info": {"name": "Watcher"}}))
+    reply = await watcher.request(
+        {"type": "subscribe", "channel": "room:1", "join_leave": True, "id": 1})
+    assert reply["type"] == "subscribed", reply
+    other = await ws_client(gw, token("o"))
+    await other.request({"type": "subscribe", "channel": "room:1", "id": 2})
+    joined = await watcher.expect("join")  # the other's join; not its own
+    assert joined == {"type": "join", "channel": "room:1", "client": joined["client"],
+                      "user": "o"}
+    status, body = await http(gw, "GET", "/api/v1/channels/room:1/presence", None, api_headers())
+    assert status == 200 and body["count"] == 2, body
+    by_user = {c["user"]: c for c in body["clients"]}
+    assert by_user["w"]["info"] == {"name": "Watcher"} and "info" not in by_user["o"]
+    assert by_user["o"]["client"] == joined["client"] and by_user["o"]["since"].endswith("Z")
+    # a JWT allowed to subscribe reads it too
+    status, body = await http(gw, "GET", "/api/v1/channels/room:1/presence", None,
+                              {"Authorization": f"Bearer {token('x')}"})
+    assert (status, body["count"]) == (200, 2)
+    await other.request({"type": "unsubscribe", "channel": "room:1", "id": 3})
+    left = await watcher.expect("leave")
+    assert (left["user"], left["client"]) == ("o", joined["client"])
+    await other.request({"type": "subscribe", "channel": "room:1", "id": 4})
+    assert (await watcher.expect("join"))["user"] == "o"
+    await other.close()
+    assert (await watcher.expect("leave"))["user"] == "o"
+    status, body = await http(gw, "GET", "/api/v1/channels/room:1/presence", None, api_headers())
+    assert [c["user"] for c in body["clients"]] == ["w"]
+
+
+async def test_presence_is_off_unless_the_namespace_enables_it(make_gateway, ws_client):
+    gw = await make_gateway(namespaces=ROOMS)
+    client = await ws_client(gw, token("u"))
+    reply = await client.request(
+        {"type": "subscribe", "channel": "public:x", "join_leave": True, "id": 1})
+    assert (reply["type"], reply["code"]) == ("error", "bad_request")
+    status, body = await http(gw, "GET", "/api/v1/channels/public:x/presence", None,
+                              api_headers())
+    assert (status, body["error"]) == (404, "not_found")
+    status, body = await http(gw, "GET", "/api/v1/channels/room:1/presence")
+    assert (status, body["error"]) == (401, "unauthorized")
+    plain = await make_gateway()
+    assert plain.node.presence is None  # no presence namespace: no store at all
+
+
+async def test_presence_across_three_gateways_and_a_killed_one(redis_url, spawn_gateway):
+    ttl = 1.5
+    env = {"HERALD_REDIS_URL": redis_url, "HERALD_NAMESPACES": ROOMS,
+           "HERALD_PRESENCE_TTL": str(ttl)}
+    gws = [spawn_gateway(f"gw-{i}", **env) for i in range(3)]
+    watcher = await connect(gws[0], "watcher")
+    assert (await watcher.request({"type": "subscribe", "channel": "room:k",
+                                   "join_leave": True, "id": 1}))["type"] == "subscribed"
+    others = []
+    for i, gw in enumerate([gws[1], gws[2], gws[2]]):
+        c = await connect(gw, f"u{i}")
+        await c.request({"type": "subscribe", "channel": "room:k", "id": 1})
+        others.append(c)
+    joins = {(await watcher.expect("join"))["user"] for _ in range(3)}
+    assert joins == {"u0", "u1", "u2"}  # seen on gw-0, joined on gw-1 and gw-2
+    status, body = await http_json(gws[1].url + "/api/v1/channels/room:k/presence",
+                                   headers=api_headers())
+    assert (status, body["count"]) == (200, 4)
+    await others[0].close()  # a clean leave on gw-1
+    assert (await watcher.expect("leave"))["user"] == "u0"
+    gws[2].signal(signal.SIGKILL)  # u1, u2 never say goodbye
+    killed = time.monotonic()
+    bound = ttl * 4 / 3
+    leaves = {(await watcher.expect("leave", timeout=bound + 3.0))["user"] for _ in range(2)}
+    assert leaves == {"u1", "u2"}
+    assert time.monotonic() - killed < bound + 3.0  # the documented bound, plus scheduling
+    _, body = await http_json(gws[0].url + "/api/v1/channels/room:k/presence",
+                              headers=api_headers())
+    assert [c["user"] for c in body["clients"]] == ["watcher"]
+
+
+async def test_presence_counts_stay_exact_under_200_clients_churning(redis_url, spawn_gateway):
+    rng = random.Random(13)
+    env = {"HERALD_REDIS_URL": redis_url, "HERALD_NAMESPACES": ROOMS}
+    gws = [spawn_gateway(f"gw-{i}", **env) for i in range(3)]
+    clients = await asyncio.gather(*(connect(gws[i % 3], f"c{i}") for i in range(200)))
+    subscribed: set[int] = set()
+
+    async def toggle(i: int) -> None:
+        kind = "unsubscribe" if i in subscribed else "subscribe"
+        reply = await clients[i].request({"type": kind, "channel": "room:churn", "id": 1})
+        assert reply["type"] == kind + "d", reply
+        (subscribed.discard if kind == "unsubscribe" else subscribed.add)(i)
+
+    for _ in range(4):  # rounds of concurrent subscribes and unsubscribes
+        picks = rng.sample(range(200), 120)
+        await asyncio.gather(*(toggle(i) for i in picks))
+        for gw in gws:
+            status, body = await http_json(gw.url + "/api/v1/channels/room:churn/presence",
+                                           headers=api_headers())
+            assert status == 200 and body["count"] == len(subscribed)
+            assert {c["user"] for c in body["clients"]} == {f"c{i}" for i in subscribed}
+    gone = rng.sample(sorted(subscribed), 30)
+    await asyncio.gather(*(clients[i].close() for i in gone))
+    subscribed -= set(gone)
+
+    async def settled() -> bool:
+        _, body = await http_json(gws[0].url + "/api/v1/channels/room:churn/presence",
+                                  headers=api_headers())
+        return body["count"] == len(subscribed)
+
+    await wait_until(settled, timeout=10)
+    await asyncio.gather(*(c.close() for i, c in enumerate(clients) if i not in gone))

@@ -317,6 +317,11 @@ class Node:
         reply = found.frame(ns, channel)
         if rid is not None:
             reply["id"] = rid
+        if ns.presence and self.presence is not None:
+            # Listed before `subscribed` goes out: a client that has the reply is in presence.
+            await self.presence.subscribed(session, ns, channel, join_leave)
+            if channel not in session.subscriptions:  # closed or unsubscribed meanwhile
+                await self.presence.unsubscribed(session, channel)
         session.send_json(reply)
         for pub in found.publications:
             # A re-subscribe on the same connection skips what it already wrote live.
@@ -328,10 +333,6 @@ class Node:
         if not self.hub.go_live(session, channel, found.offset):
             self.metrics.dropped.labels("recovery_overflow").inc()
             session.overflowed()
-        if ns.presence and self.presence is not None:
-            await self.presence.subscribed(session, ns, channel, join_leave)
-            if channel not in session.subscriptions:  # closed or unsubscribed meanwhile
-                await self.presence.unsubscribed(session, channel)
 
     async def unsubscribe(self, session: Session, channel: str) -> None:
         session.subscriptions.discard(channel)

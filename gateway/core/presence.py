@@ -84,6 +84,7 @@ class PresenceTracker:
         """A join or leave anywhere in the cluster: to the local subscribers who asked."""
         frame = {"type": kind, "channel": channel, "client": member.client, "user": member.user}
         for sub in self._hub.subscribers_of(channel):
-            if channel in self._watching.get(sub, ()):  # type: ignore[call-overload]
+            # Not its own join or leave: it knows, and the order would depend on the store.
+            if channel in self._watching.get(sub, ()) and sub.id != member.client:  # type: ignore
                 sub.send_json(dict(frame))
                 self._metrics.presence_events.inc()
