@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.broker.base import Broker
+from gateway.broker.base import Broker, PublishItem
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
 from gateway.protocol.channels import Access, Namespace
@@ -217,3 +217,19 @@ async def test_the_memory_engine_fans_in_synchronously_and_never_resubscribes():
     for i in range(3):
         await broker.publish(USER, "user:a", "note", {"i": i})
     assert len(rec.pubs) == 3 and rec.resubscribed == []
+
+
+async def test_publish_many_keeps_order_and_fails_items_alone(engine):
+    broker, _ = engine
+    await broker.register_owner("job:pm", "alice")
+    items = [PublishItem(USER, f"user:p{i % 2}", "n", {"i": i}) for i in range(6)]
+    items.insert(3, PublishItem(JOB, "job:pm", "progress", {}, owner="mallory"))
+    results = await broker.publish_many(items)
+    assert isinstance(results[3], ProtocolError) and results[3].code == "forbidden"
+    pubs = [r for r in results if isinstance(r, Publication)]
+    assert [(p.channel, p.offset, p.data["i"]) for p in pubs] == [
+        ("user:p0", 1, 0), ("user:p1", 1, 1), ("user:p0", 2, 2),
+        ("user:p1", 2, 3), ("user:p0", 3, 4), ("user:p1", 3, 5),
+    ]
+    hist = await broker.history(USER, "user:p0", None, 10)
+    assert [p.data["i"] for p in hist.publications] == [0, 2, 4]

@@ -13,14 +13,15 @@ models: a small interface the node does not look inside.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.protocol.channels import Namespace
-from gateway.protocol.errors import BrokerUnavailable
+from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.protocol.publication import History, Publication, Snapshot
 
-__all__ = ["Broker", "BrokerUnavailable", "OnPublication", "OnResubscribed"]
+__all__ = ["Broker", "BrokerUnavailable", "OnPublication", "OnResubscribed", "PublishItem"]
 
 OnPublication = Callable[[Publication], None]
 OnResubscribed = Callable[[list[str]], Awaitable[None]]
@@ -28,6 +29,18 @@ OnResubscribed = Callable[[list[str]], Awaitable[None]]
 
 async def _nothing(channels: list[str]) -> None:
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishItem:
+    """One publication to make: the arguments of `Broker.publish`, as a value for a batch."""
+
+    namespace: Namespace
+    channel: str
+    event: str
+    data: Any
+    owner: str | None = None
+    meta: dict[str, str] | None = None
 
 
 class Broker(abc.ABC):
@@ -87,6 +100,26 @@ class Broker(abc.ABC):
         Raises `ProtocolError("forbidden")` when `owner` differs from the
         recorded owner of a job channel.
         """
+
+    async def publish_many(
+        self, items: Sequence[PublishItem]
+    ) -> list[Publication | ProtocolError | BrokerUnavailable]:
+        """Publish in order (items on one channel take offsets in the items' order).
+
+        One result per item, in order: its publication, or the error it alone
+        failed with (`ProtocolError` such as `forbidden`; `BrokerUnavailable`
+        when the outcome is unknown). Nothing is raised for one item's failure.
+        Engines with a server send the whole list in one round trip.
+        """
+        results: list[Publication | ProtocolError | BrokerUnavailable] = []
+        for it in items:
+            try:
+                results.append(await self.publish(
+                    it.namespace, it.channel, it.event, it.data, owner=it.owner, meta=it.meta
+                ))
+            except (ProtocolError, BrokerUnavailable) as exc:
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     async def subscribe(self, channels: list[str]) -> None:

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -39,7 +40,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.broker.base import Broker
+from gateway.broker.base import Broker, PublishItem
+from gateway.broker.redis_pipe import ScriptPipe, bulk
 from gateway.broker.redis_scripts import PUBLISH, READ, Keys
 from gateway.broker.subscriptions import Released, SubscriptionTable
 from gateway.cluster.connect import COMMAND_TIMEOUT, connect
@@ -57,6 +59,15 @@ BACKOFF_CAP = 5.0
 STALL_SECONDS = 3.0
 AUDIT_SECONDS = 30.0
 READ_CHUNK = 256 * 1024
+# Channels whose constant publish-script arguments are kept encoded (cleared when full).
+PARTS_CACHE = 10_000
+_PUBLISH_ARGS = 4 + 12  # keys + ARGV of PUBLISH
+_OWNER_TTL = bulk(OWNER_TTL)
+# The publish script's keys and arguments in one formatting step (the hot
+# path of every publish): head (keys, pubsub, channel), event, data, time,
+# meta, middle (history size, ttl, state flag), owner, owner ttl, epoch.
+_BULK = b"$%d\r\n%b\r\n"
+_PUBLISH_ARGV = b"%b" + _BULK * 4 + b"%b" + _BULK + b"%b" + _BULK
 
 
 def _text(value: Any) -> str:
@@ -94,7 +105,8 @@ class RedisBroker(Broker):
         self.stall_seconds = stall_seconds
         self.audit_seconds = audit_seconds
         self.client = connect(url, timeout)
-        self._publish = self.client.register_script(PUBLISH)
+        self._publish = ScriptPipe(self.client, PUBLISH, 4, timeout)
+        self._parts: dict[str, tuple[Namespace, bytes, bytes]] = {}
         self._read = self.client.register_script(READ)
         # Channels the hub wants, and their pub/sub state.
         self._subs = SubscriptionTable()
@@ -131,6 +143,7 @@ class RedisBroker(Broker):
                     await task
         if self._conn is not None:
             await self._conn.disconnect()
+        await self._publish.close()
         await self.client.aclose()
 
     @property
@@ -159,31 +172,69 @@ class RedisBroker(Broker):
         owner: str | None = None,
         meta: dict[str, str] | None = None,
     ) -> Publication:
+        # Batched with every other publish of this loop turn (see ScriptPipe).
+        item = PublishItem(namespace, channel, event, data, owner, meta)
+        now, reply = self._submit(item)
+        return self._publication(item, now, await reply)
+
+    async def publish_many(
+        self, items: Sequence[PublishItem]
+    ) -> list[Publication | ProtocolError | BrokerUnavailable]:
+        # All queued before the first is sent: one write, the items' order.
+        sent = [self._submit(item) for item in items]
+        results: list[Publication | ProtocolError | BrokerUnavailable] = []
+        for item, (now, reply) in zip(items, sent, strict=True):
+            try:
+                results.append(self._publication(item, now, await reply))
+            except (ProtocolError, BrokerUnavailable) as exc:
+                results.append(exc)
+        return results
+
+    def _submit(self, item: PublishItem) -> tuple[float, asyncio.Future[Any]]:
+        """Queue one call of the publish script; returns its time and its reply."""
         now = time.time()
-        k = self.keys
-        result = await self._cmd(
-            self._publish(
-                keys=[k.meta(channel), k.stream(channel), k.state(channel), k.owner(channel)],
-                args=[
-                    k.pubsub(channel),
-                    _json_str(channel),
-                    _json_str(event),
-                    orjson.dumps(data),
-                    repr(now),
-                    orjson.dumps(meta or {}),
-                    namespace.history_size,
-                    max(1, int(namespace.history_ttl)),
-                    "1" if namespace.state else "0",
-                    owner or "",
-                    OWNER_TTL,
-                    new_epoch(),
-                ],
-            )
+        head, middle = self._script_parts(item.namespace, item.channel)
+        event = _json_str(item.event).encode()
+        data = orjson.dumps(item.data)
+        stamp = repr(now).encode()
+        meta = orjson.dumps(item.meta) if item.meta else b"{}"
+        owner = item.owner.encode() if item.owner else b""
+        epoch = new_epoch().encode()
+        args = _PUBLISH_ARGV % (
+            head, len(event), event, len(data), data, len(stamp), stamp, len(meta), meta,
+            middle, len(owner), owner, _OWNER_TTL, len(epoch), epoch,
         )
-        if result[0] == b"forbidden":
-            raise ProtocolError("forbidden", f"{channel} belongs to another owner")
+        return now, self._publish.submit(_PUBLISH_ARGS, args)
+
+    def _script_parts(self, namespace: Namespace, channel: str) -> tuple[bytes, bytes]:
+        """The publish script's keys and arguments that are the same for every
+        publication of a channel, encoded once (see PUBLISH for their order)."""
+        cached = self._parts.get(channel)
+        if cached is not None and cached[0] is namespace:
+            return cached[1], cached[2]
+        k = self.keys
+        head = b"".join(bulk(v) for v in (
+            k.meta(channel), k.stream(channel), k.state(channel), k.owner(channel),
+            k.pubsub(channel), _json_str(channel),
+        ))
+        middle = b"".join(bulk(v) for v in (
+            namespace.history_size, max(1, int(namespace.history_ttl)),
+            "1" if namespace.state else "0",
+        ))
+        if len(self._parts) >= PARTS_CACHE:
+            self._parts.clear()
+        self._parts[channel] = (namespace, head, middle)
+        return head, middle
+
+    @staticmethod
+    def _publication(item: PublishItem, now: float, reply: Any) -> Publication:
+        if isinstance(reply, hiredis.ReplyError):
+            raise BrokerUnavailable(f"publish script failed: {reply}")
+        if reply[0] == b"forbidden":
+            raise ProtocolError("forbidden", f"{item.channel} belongs to another owner")
         return Publication(
-            channel, event, data, result[0].decode(), int(result[1]), now, meta or {}
+            item.channel, item.event, item.data, reply[0].decode(), int(reply[1]), now,
+            item.meta or {},
         )
 
     async def _read_channel(

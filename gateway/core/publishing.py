@@ -7,18 +7,22 @@ worker next to Redis.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from gateway.broker.base import Broker
+from gateway.broker.base import Broker, PublishItem
 from gateway.protocol.channels import Access, Namespaces, validate_channel
-from gateway.protocol.errors import ProtocolError
+from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.protocol.publication import TERMINAL_JOB_EVENTS, Publication
 from gateway.telemetry import tracing
 
 EVENT_MAX = 64
+# Publications in one batch (`POST /api/v1/publish` with `publications`, `publish_many`).
+MAX_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,23 @@ class PublishRequest:
             check_data(body.get("data"), max_bytes),
             parse_owner(body.get("owner")),
         )
+
+
+def parse_batch(
+    items: Any, max_bytes: int
+) -> list[PublishRequest | ProtocolError]:
+    """A batch's items, each parsed by the single-publish rules or its own error."""
+    if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
+        raise ProtocolError("bad_request", f"publications must be a list of 1-{MAX_BATCH}")
+    parsed: list[PublishRequest | ProtocolError] = []
+    for item in items:
+        try:
+            parsed.append(PublishRequest.parse(item, max_bytes))
+        except ProtocolError as exc:
+            parsed.append(exc)
+        except TypeError as exc:  # data orjson cannot encode (Python callers)
+            parsed.append(ProtocolError("bad_request", f"data is not JSON-serialisable: {exc}"))
+    return parsed
 
 
 def parse_event(event: Any) -> str:
@@ -84,12 +105,87 @@ async def publish(
     current span) whose W3C `traceparent` goes into `meta`, so every
     gateway's delivery joins the same trace.
     """
-    if not trace:
+    if not trace or not tracing.may_record():
         return await _publish(broker, namespaces, req, meta)
     with tracing.producer_span(req.channel, req.event) as span:
         pub = await _publish(broker, namespaces, req, tracing.inject_meta(meta))
         tracing.published(span, pub)
         return pub
+
+
+async def publish_many(
+    broker: Broker,
+    namespaces: Namespaces,
+    reqs: Sequence[PublishRequest | ProtocolError],
+    meta: dict[str, str] | None = None,
+    *,
+    trace: bool = False,
+) -> list[Publication | ProtocolError | BrokerUnavailable]:
+    """Publish a batch with one engine call; one result per request, in order.
+
+    `reqs` may hold the errors `parse_batch` found: they stay in their place.
+    A request that fails (`bad_request` owner rule, `forbidden`, outcome
+    unknown) gets its error in its place; the others are published. Requests
+    on one channel take offsets in the requests' order.
+    """
+    if trace and tracing.may_record():
+        # A producer span per publication, each queued in this same loop
+        # turn (no await before the engine call), so the engine still sends
+        # them as one batch in this order.
+        calls = [_failed(req) if isinstance(req, ProtocolError)
+                 else publish(broker, namespaces, req, meta, trace=True) for req in reqs]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        return [_outcome(o) for o in outcomes]
+    results: list[Any] = [None] * len(reqs)
+    items: list[PublishItem] = []
+    where: list[int] = []
+    for i, req in enumerate(reqs):
+        if isinstance(req, ProtocolError):
+            results[i] = req
+            continue
+        try:
+            items.append(_item(namespaces, req, meta))
+            where.append(i)
+        except ProtocolError as exc:
+            results[i] = exc
+    for i, result in zip(where, await broker.publish_many(items), strict=True):
+        results[i] = result
+    # Terminal job events notify their owners (few in a batch): after the
+    # batch, as a single publish does after its own.
+    notes = [
+        (i, _notify_if_terminal(broker, namespaces, req, result, meta))
+        for i, (req, result) in enumerate(zip(reqs, results, strict=True))
+        if isinstance(result, Publication)
+        and isinstance(req, PublishRequest)
+        and req.channel.startswith("job:")
+        and job_status(req.event, req.data) is not None
+    ]
+    if notes:
+        outcomes = await asyncio.gather(*(n for _, n in notes), return_exceptions=True)
+        for (i, _), outcome in zip(notes, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                results[i] = _outcome(outcome)
+    return results
+
+
+async def _failed(exc: ProtocolError) -> ProtocolError:
+    return exc
+
+
+def _outcome(result: Any) -> Publication | ProtocolError | BrokerUnavailable:
+    if isinstance(result, Publication | ProtocolError | BrokerUnavailable):
+        return result
+    raise result
+
+
+def _item(
+    namespaces: Namespaces, req: PublishRequest, meta: dict[str, str] | None
+) -> PublishItem:
+    namespace = namespaces.of(req.channel)
+    if req.owner is not None and namespace.access is not Access.OWNER:
+        # Recorded anyway, it would make a later publish with another owner `forbidden`.
+        raise ProtocolError("bad_request", f"owner applies to job channels, not {req.channel}")
+    return PublishItem(namespace, req.channel, req.event, req.data, req.owner, meta)
 
 
 async def _publish(
@@ -98,20 +194,27 @@ async def _publish(
     req: PublishRequest,
     meta: dict[str, str] | None,
 ) -> Publication:
-    namespace = namespaces.of(req.channel)
-    if req.owner is not None and namespace.access is not Access.OWNER:
-        # Recorded anyway, it would make a later publish with another owner `forbidden`.
-        raise ProtocolError("bad_request", f"owner applies to job channels, not {req.channel}")
+    it = _item(namespaces, req, meta)
     pub = await broker.publish(
-        namespace, req.channel, req.event, req.data, owner=req.owner, meta=meta
+        it.namespace, it.channel, it.event, it.data, owner=it.owner, meta=it.meta
     )
     if req.channel.startswith("job:"):
-        status = job_status(req.event, req.data)
-        if status is not None:
-            owner = req.owner or await broker.owner(req.channel)
-            if owner is not None:
-                await notify_owner(broker, namespaces, owner, req, status, pub, meta)
+        await _notify_if_terminal(broker, namespaces, req, pub, meta)
     return pub
+
+
+async def _notify_if_terminal(
+    broker: Broker,
+    namespaces: Namespaces,
+    req: PublishRequest,
+    pub: Publication,
+    meta: dict[str, str] | None,
+) -> None:
+    status = job_status(req.event, req.data)
+    if status is not None:
+        owner = req.owner or await broker.owner(req.channel)
+        if owner is not None:
+            await notify_owner(broker, namespaces, owner, req, status, pub, meta)
 
 
 async def notify_owner(

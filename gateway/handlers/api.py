@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.core.backend import Caller
-from gateway.core.publishing import PublishRequest, check_data, parse_event, parse_owner
+from gateway.core.publishing import (
+    PublishRequest,
+    check_data,
+    parse_batch,
+    parse_event,
+    parse_owner,
+)
 from gateway.handlers.base import JsonHandler
 from gateway.protocol.channels import validate_channel
 from gateway.protocol.errors import ProtocolError
@@ -20,14 +26,27 @@ def position(pub: Publication) -> dict[str, Any]:
 
 
 class PublishHandler(JsonHandler):
-    """POST /api/v1/publish (API key)."""
+    """POST /api/v1/publish (API key): one publication, or a batch of them.
+
+    A batch (`{"publications": [...]}`, PROTOCOL.md) answers 200 with one
+    result per item in request order; an item's error does not fail the others.
+    """
 
     span_route = "/api/v1/publish"
 
     async def post(self) -> None:
         self.require_api_key()
-        req = PublishRequest.parse(self.json_body(), self.node.settings.max_publish_bytes)
-        pub = await self.node.publish(req)
+        body = self.json_body()
+        max_bytes = self.node.settings.max_publish_bytes
+        if isinstance(body, dict) and "publications" in body:
+            results = await self.node.publish_many(parse_batch(body["publications"], max_bytes))
+            self.write_json({"results": [
+                position(r) if isinstance(r, Publication)
+                else {"error": r.code, "message": r.message}
+                for r in results
+            ]})
+            return
+        pub = await self.node.publish(PublishRequest.parse(body, max_bytes))
         self.write_json(position(pub))
 
 

@@ -8,7 +8,8 @@ the SSE event (`sse_frame`).
 
 from __future__ import annotations
 
-import secrets
+import base64
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,13 @@ from gateway.protocol import wire
 TERMINAL_JOB_EVENTS = frozenset({"completed", "failed", "cancelled"})
 
 
+_random = random.Random()  # seeded from os.urandom, per process
+
+
 def new_epoch() -> str:
-    return secrets.token_urlsafe(6)
+    """A fresh epoch: 48 random bits, URL-safe (a candidate is made on every
+    publish, hence a seeded PRNG rather than a system call per publish)."""
+    return base64.urlsafe_b64encode(_random.getrandbits(48).to_bytes(6, "big")).decode()
 
 
 @dataclass(slots=True, eq=False)

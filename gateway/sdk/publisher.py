@@ -22,8 +22,9 @@ Every gateway's delivery of the publication joins that trace.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +34,16 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from gateway.telemetry import tracing
 
 __all__ = ["HttpPublisher", "PublishError", "Publisher", "RedisPublisher"]
+
+
+def _as_bodies(items: Iterable[Mapping[str, Any]]) -> list[Any]:
+    """`publish_many` items as the HTTP batch's JSON objects."""
+    bodies = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise PublishError("bad_request", "each publication must be a mapping")
+        bodies.append(item if isinstance(item, dict) else dict(item))
+    return bodies
 
 
 class PublishError(Exception):
@@ -62,6 +73,34 @@ class Publisher(abc.ABC):
         `owner` on a `job:` channel records the job's owner if none is
         recorded yet, and is refused (`forbidden`) if another one is.
         """
+
+    async def publish_many(
+        self, items: Iterable[Mapping[str, Any]]
+    ) -> list[dict[str, Any] | PublishError]:
+        """Publish many events at once, in order; one result per item, in the items' order.
+
+        Each item is `{"channel", "event", "data", "owner"?}` as in `publish`.
+        An item that fails gets its `PublishError` in its place in the list
+        (it is not raised) and the others go on: the caller sees which ones
+        to retry. Items on the same channel take offsets in the items' order.
+        Concurrent `publish` calls are batched the same way on their own;
+        this is the form for a backend that has a list in hand.
+        """
+        calls = []
+        for item in items:
+            if not isinstance(item, Mapping):
+                raise PublishError("bad_request", "each item must be a mapping")
+            calls.append(self.publish(
+                item.get("channel"), item.get("event", "message"), item.get("data"),
+                owner=item.get("owner"),
+            ))
+        # Every call queues its publish before the first one is sent (no call
+        # awaits anything earlier), so the batch keeps the items' order.
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, PublishError):
+                raise result
+        return results  # type: ignore[return-value]
 
     async def broadcast(
         self, channels: Iterable[str], event: str, data: Any
@@ -119,10 +158,26 @@ class Publisher(abc.ABC):
 class HttpPublisher(Publisher):
     """The HTTP API client (`POST /api/v1/publish`, `/broadcast`, `/jobs`).
 
+    Concurrent `publish` calls are batched: those made while a request is
+    on its way go out together as one `POST /api/v1/publish` with a
+    `publications` list (at most 1000 items or `max_batch_bytes` of JSON),
+    one request in flight, so the order of calls is kept. A call alone goes
+    as the single form.
+
     The API key travels in the `Authorization` header, never in the URL.
     """
 
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 10.0,
+        max_batch_bytes: int = 512 * 1024,
+    ) -> None:
+        from gateway.broker.batching import Batcher
+        from gateway.core.publishing import MAX_BATCH
+
         self._base = base_url.rstrip("/")
         self._headers = {
             "Authorization": f"apikey {api_key}",
@@ -131,6 +186,9 @@ class HttpPublisher(Publisher):
         self._timeout = timeout
         # A client of our own: closing it must not close the loop's shared one.
         self._client = AsyncHTTPClient(force_instance=True)
+        self._batcher: Batcher[dict[str, Any]] = Batcher(
+            self._send_batch, MAX_BATCH, max_batch_bytes
+        )
 
     async def publish(
         self, channel: str, event: str, data: Any, *, owner: str | None = None
@@ -138,26 +196,56 @@ class HttpPublisher(Publisher):
         body: dict[str, Any] = {"channel": channel, "event": event, "data": data}
         if owner is not None:
             body["owner"] = owner
-        return await self._post("/api/v1/publish", body)
+        if tracing.may_record():
+            # Its own request, so the caller's trace context goes with it.
+            return await self._post("/api/v1/publish", _encode(body))
+        return await self._batcher.submit(_encode(body))
+
+    async def publish_many(
+        self, items: Iterable[Mapping[str, Any]]
+    ) -> list[dict[str, Any] | PublishError]:
+        futures = []
+        for body in _as_bodies(items):
+            try:
+                futures.append(self._batcher.submit(_encode(body)))
+            except PublishError as exc:
+                futures.append(_done(exc))
+        out: list[dict[str, Any] | PublishError] = []
+        for fut in futures:
+            try:
+                out.append(await fut)
+            except PublishError as exc:
+                out.append(exc)
+        return out
 
     async def broadcast(
         self, channels: Iterable[str], event: str, data: Any
     ) -> list[dict[str, Any]]:
         body = {"channels": list(channels), "event": event, "data": data}
-        reply = await self._post("/api/v1/broadcast", body)
+        reply = await self._post("/api/v1/broadcast", _encode(body))
         return list(reply["publications"])
 
     async def register_job(self, job_id: str, owner: str) -> None:
-        await self._post("/api/v1/jobs", {"job": job_id, "owner": owner})
+        await self._post("/api/v1/jobs", _encode({"job": job_id, "owner": owner}))
 
     async def close(self) -> None:
+        await self._batcher.close()
         self._client.close()
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            payload = orjson.dumps(body)
-        except TypeError as exc:
-            raise PublishError("bad_request", f"data is not JSON-serialisable: {exc}") from None
+    async def _send_batch(self, bodies: list[bytes]) -> list[dict[str, Any] | BaseException]:
+        if len(bodies) == 1:
+            try:
+                return [await self._post("/api/v1/publish", bodies[0])]
+            except PublishError as exc:
+                return [exc]
+        payload = b'{"publications":[' + b",".join(bodies) + b"]}"
+        reply = await self._post("/api/v1/publish", payload)
+        return [
+            r if "error" not in r else PublishError(str(r["error"]), str(r.get("message", "")))
+            for r in reply["results"]
+        ]
+
+    async def _post(self, path: str, payload: bytes) -> dict[str, Any]:
         headers = dict(self._headers)
         url = self._base + path
         with tracing.client_span("POST", url, headers) as span:
@@ -173,6 +261,19 @@ class HttpPublisher(Publisher):
                 raise PublishError("unavailable", f"cannot reach Herald: {exc}") from None
             span.set_attribute("http.response.status_code", response.code)
         return orjson.loads(response.body)
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError as exc:
+        raise PublishError("bad_request", f"data is not JSON-serialisable: {exc}") from None
+
+
+def _done(exc: BaseException) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut
 
 
 def _error_from(exc: HTTPClientError) -> PublishError:
@@ -239,6 +340,30 @@ class RedisPublisher(Publisher):
             req = publishing.PublishRequest.parse(body, self._max_bytes)
             pub = await publishing.publish(self._broker, self._namespaces, req, trace=True)
         return {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
+
+    async def publish_many(
+        self, items: Iterable[Mapping[str, Any]]
+    ) -> list[dict[str, Any] | PublishError]:
+        from gateway.core import publishing
+        from gateway.protocol.errors import BrokerUnavailable, ProtocolError
+
+        bodies = _as_bodies(items)
+        results: list[Any] = []
+        for start in range(0, len(bodies), publishing.MAX_BATCH):
+            reqs = publishing.parse_batch(bodies[start:start + publishing.MAX_BATCH],
+                                          self._max_bytes)
+            results += await publishing.publish_many(
+                self._broker, self._namespaces, reqs, trace=True
+            )
+        out: list[dict[str, Any] | PublishError] = []
+        for res in results:
+            if isinstance(res, ProtocolError):
+                out.append(PublishError(res.code, res.message))
+            elif isinstance(res, BrokerUnavailable):
+                out.append(PublishError("unavailable", f"redis unavailable: {res}"))
+            else:
+                out.append({"channel": res.channel, "epoch": res.epoch, "offset": res.offset})
+        return out
 
     async def register_job(self, job_id: str, owner: str) -> None:
         from gateway.protocol.channels import validate_channel
