@@ -9,7 +9,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.web import Application, StaticFileHandler
 
 from gateway.core.node import Node
-from gateway.handlers import api, ops, pages
+from gateway.handlers import admin, api, ops, pages
 from gateway.handlers.sse import SseHandler
 from gateway.handlers.websocket import GatewayWebSocket
 from gateway.security.proxies import TrustedProxies
@@ -49,6 +49,10 @@ def make_app(node: Node, **overrides: Any) -> Application:
         (rf"/api/v1/channels/{CHANNEL}/presence", api.PresenceHandler, deps),
         (rf"/api/v1/channels/{CHANNEL}/publish", api.ClientPublishHandler, deps),
         (r"/api/v1/rpc", api.RpcHandler, deps),
+        (r"/api/v1/channels", admin.ChannelsHandler, deps),
+        (r"/api/v1/users", admin.UsersHandler, deps),
+        (r"/api/v1/users/(?P<user>[^/]{1,255})/(?P<verb>disconnect|unsubscribe|subscribe)",
+         admin.UserActionHandler, deps),
         (r"/api/v1/stats", api.StatsHandler, deps),
         (r"/api/v1/cluster", api.ClusterHandler, deps),
         (r"/healthz", ops.HealthHandler, deps),

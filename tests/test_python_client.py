@@ -194,3 +194,18 @@ async def test_rpc_and_publish_through_the_backend(make_gateway, backend):
         with pytest.raises(HeraldError) as err:
             await asyncio.wait_for(client.publish("public:x", "chat", {}), 10)
         assert err.value.code == "forbidden"
+
+
+async def test_a_server_api_disconnect_for_good_keeps_the_client_offline(gateway):
+    from gateway.sdk.client import Disconnected
+    from tests.conftest import api_headers
+    from tests.support import http
+
+    async with fast(gateway.url, token("alice")) as client:
+        await asyncio.wait_for(client.wait_connected(), 10)
+        status, body = await http(gateway, "POST", "/api/v1/users/alice/disconnect",
+                                  {"reason": "banned"}, api_headers())
+        assert (status, body["connections"]) == (200, 1)
+        await wait_until(lambda: client.state == "offline")
+        assert isinstance(client.failure, Disconnected)
+        assert client.stats["reconnects"] == 0

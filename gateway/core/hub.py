@@ -80,6 +80,10 @@ class Hub:
         if ch is not None and (ch.position is None or reset):
             ch.position = position
 
+    def counts(self) -> dict[str, int]:
+        """Local subscribers per held channel (the server API's channel listing)."""
+        return {name: len(ch) for name, ch in self._channels.items()}
+
     def subscribers_of(self, channel: str) -> list[Subscriber]:
         ch = self._channels.get(channel)
         return ch.subscribers() if ch is not None else []

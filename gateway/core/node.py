@@ -21,6 +21,7 @@ from gateway.cluster import control
 from gateway.cluster.directory import Directory, create_directory
 from gateway.config import Settings
 from gateway.core import publishing
+from gateway.core.admin import Admin
 from gateway.core.backend import BackendCalls, Caller
 from gateway.core.heartbeat import Heartbeat
 from gateway.core.hub import Hub
@@ -95,6 +96,7 @@ class Node:
         self.user_connections = UserConnections(settings.max_connections_per_user)
         self.metrics.bind(self._scrape)
         self.backend = BackendCalls(settings, self.namespaces, self.metrics)
+        self.admin = Admin(self)
         # Only a node with a presence namespace opens a presence store.
         self.presence: PresenceTracker | None = None
         if any(ns.presence for ns in self.namespaces):
@@ -140,8 +142,12 @@ class Node:
     # -- shedding and draining ----------------------------------------------
 
     def _on_control(self, command: control.Command) -> None:
-        """Commands from the operator on this node's control channel."""
-        if isinstance(command, control.Shed):
+        """Commands on this node's control channel: the operator's, the server API's."""
+        if isinstance(command, control.Request):
+            self.admin.on_request(command)
+        elif isinstance(command, control.Reply):
+            self.admin.on_reply(command)
+        elif isinstance(command, control.Shed):
             log.info("control: shedding %d connections", command.count)
             self.spawn(self.shed(command.count, "rebalance"))
         else:

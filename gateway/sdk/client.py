@@ -81,6 +81,10 @@ class AuthFailed(Exception):
     """The gateway refused the token and no `get_token` can replace it."""
 
 
+class Disconnected(Exception):
+    """The server API closed the connection for good (4003): the client stays offline."""
+
+
 class HeraldError(Exception):
     """An `error` frame answering an `rpc` or `publish` (`code` as in the protocol).
 
@@ -287,6 +291,10 @@ class HeraldClient:
                 log.debug("connect failed: %s", exc)
             if self._closing:
                 break
+            if code == 4003:
+                self.failure = Disconnected("disconnected by the server; not reconnecting (4003)")
+                self._set_state("offline")
+                return
             if code == 4001:
                 if self.get_token is None:
                     self.failure = AuthFailed("the gateway refused the token (4001)")

@@ -128,6 +128,12 @@ class Metrics:
             ["hook", "outcome"],
             registry=r,
         )
+        self.disconnected = Counter(
+            "herald_admin_disconnects_total",
+            "Connections closed by the server API, by whether they were told to reconnect",
+            ["reconnect"],
+            registry=r,
+        )
         self.presence_full = Counter(
             "herald_presence_full_total",
             "Subscriptions not listed in presence because the channel's list was full",
