@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
 
 CHUNK = 1000
-
-
-class Pingable(Protocol):
-    def heartbeat(self) -> None:
-        """Ping, or close if the previous ping went unanswered."""
 
 
 class Heartbeat:

@@ -33,7 +33,7 @@ from gateway.protocol import frames
 from gateway.protocol.channels import Access, Namespace, Namespaces, claim_allows, validate_channel
 from gateway.protocol.errors import BrokerUnavailable, CloseCode, ProtocolError
 from gateway.protocol.publication import History, Position, Publication, Snapshot
-from gateway.security.admission import IpRateLimiter, UserConnections
+from gateway.security.admission import Admission, Refused
 from gateway.security.auth import Authenticator, Claims
 from gateway.telemetry import tracing
 from gateway.telemetry.metrics import Metrics
@@ -92,8 +92,9 @@ class Node:
             self.id, self.directory, self.broker, self.metrics, self.stats
         )
         self.heartbeat = Heartbeat(self.sessions, settings.heartbeat)
-        self.ip_limiter = IpRateLimiter(settings.ip_connect_rate, settings.ip_connect_burst)
-        self.user_connections = UserConnections(settings.max_connections_per_user)
+        self.admission = Admission(
+            settings.ip_connect_rate, settings.ip_connect_burst, settings.max_connections_per_user
+        )
         self.metrics.bind(self._scrape)
         self.backend = BackendCalls(settings, self.namespaces, self.metrics)
         self.admin = Admin(self)
@@ -300,11 +301,8 @@ class Node:
         if join_leave and not ns.join_leave:
             raise ProtocolError("bad_request", f"join_leave is not enabled for {channel}")
         already = channel in session.subscriptions
-        if not already and len(session.subscriptions) >= self.settings.max_subscriptions:
-            raise ProtocolError(
-                "too_many_subscriptions",
-                f"at most {self.settings.max_subscriptions} subscriptions per connection",
-            )
+        if not already:
+            self.check_subscriptions(len(session.subscriptions) + 1)
         session.subscriptions.add(channel)
         try:
             await self._call(self.hub.add(session, channel))
@@ -347,21 +345,37 @@ class Node:
             await self.presence.unsubscribed(session, channel)
         await self.hub.remove(session, channel)
 
+    def check_open(self, ip: str) -> None:
+        """Before a WebSocket upgrade or an SSE stream: `Refused` while draining or
+        past the address's attempt rate, counted by reason."""
+        try:
+            self.admission.at_open(ip, draining=self.draining)
+        except Refused as exc:
+            self.metrics.refused.labels(exc.reason).inc()
+            raise
+
     def admit(self, session: Session) -> None:
         """Count a newly authenticated connection, or refuse it past the user's cap."""
-        if not self.user_connections.add(session.claims.sub):
-            self.metrics.refused.labels("user_cap").inc()
-            raise ProtocolError(
-                "rate_limited",
-                f"{session.claims.sub} already has {self.user_connections.cap} connections",
-            )
+        try:
+            self.admission.admit(session.claims.sub)
+        except Refused as exc:
+            self.metrics.refused.labels(exc.reason).inc()
+            raise
         self.sessions.add(session)
+
+    def check_subscriptions(self, count: int) -> None:
+        """The one bound on subscriptions per connection (WebSocket and SSE alike)."""
+        if count > self.settings.max_subscriptions:
+            raise ProtocolError(
+                "too_many_subscriptions",
+                f"at most {self.settings.max_subscriptions} subscriptions per connection",
+            )
 
     async def drop_session(self, session: Session) -> None:
         """Forget a closed connection's subscriptions; a dead broker must not leak them."""
         if session in self.sessions:
             self.sessions.discard(session)
-            self.user_connections.remove(session.claims.sub)
+            self.admission.release(session.claims.sub)
         if self.presence is not None:
             await self.presence.closed(session)
         for channel in list(session.subscriptions):

@@ -9,7 +9,7 @@ import orjson
 from tornado.web import RequestHandler
 
 from gateway.core.node import Node
-from gateway.protocol import wire
+from gateway.protocol import frames
 from gateway.protocol.errors import HTTP_STATUS, ProtocolError
 from gateway.security.auth import Claims
 from gateway.telemetry import tracing
@@ -59,10 +59,7 @@ class JsonHandler(RequestHandler):
 
     def write_problem(self, exc: ProtocolError) -> None:
         self.node.metrics.errors.labels(exc.code).inc()
-        self.write_json(
-            {"error": exc.code, "message": exc.message, "timestamp": wire.now_iso()},
-            HTTP_STATUS[exc.code],
-        )
+        self.write_json(frames.problem(exc.code, exc.message), HTTP_STATUS[exc.code])
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -72,9 +69,7 @@ class JsonHandler(RequestHandler):
         code = "bad_request" if status_code < 500 else "internal"
         if status_code == 404:
             code = "not_found"
-        self.write_json(
-            {"error": code, "message": self._reason, "timestamp": wire.now_iso()}, status_code
-        )
+        self.write_json(frames.problem(code, self._reason), status_code)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ProtocolError):

@@ -14,6 +14,7 @@ from tornado.web import StaticFileHandler
 
 from gateway import demo
 from gateway.handlers.base import JsonHandler
+from gateway.protocol import frames
 from gateway.protocol.errors import ProtocolError
 from gateway.security.auth import mint_token
 
@@ -40,7 +41,7 @@ class DemoPageHandler(StaticFileHandler):
         if not demo.demo_enabled(self.node):
             self.set_status(404)
             self.set_header("Content-Type", "application/json")
-            self.finish({"error": "not_found", "message": "the demo is off (HERALD_DEMO)"})
+            self.finish(frames.problem("not_found", "the demo is off (HERALD_DEMO)"))
             return
         await super().get("demo.html", include_body)
 

@@ -32,8 +32,8 @@ from gateway.core.backend import Caller
 from gateway.core.outbox import Outbox
 from gateway.core.session import Session
 from gateway.handlers.base import JsonHandler
-from gateway.protocol import wire
-from gateway.protocol.channels import validate_channel
+from gateway.protocol import frames, wire
+from gateway.protocol.channels import own_channel, validate_channel
 from gateway.protocol.errors import CloseCode, ProtocolError
 from gateway.protocol.publication import Publication
 from gateway.security.auth import Claims
@@ -90,13 +90,8 @@ class SseHandler(JsonHandler):
 
     async def get(self) -> None:
         node = self.node
-        if node.draining:
-            # Like /ws: refused before the stream, so the client goes elsewhere.
-            node.metrics.refused.labels("draining").inc()
-            raise ProtocolError("unavailable", "draining; reconnect to another gateway")
-        if not node.ip_limiter.allow(self.request.remote_ip or ""):
-            node.metrics.refused.labels("ip_rate").inc()
-            raise ProtocolError("rate_limited", "too many connection attempts from this address")
+        # Like /ws: refused before the stream, so the client goes elsewhere.
+        node.check_open(self.request.remote_ip or "")
         session = SseSession(self, node.new_client_id(), await self.require_user())
         extra = await node.backend.connect(session)  # refused: the backend's status
         plan = await self._plan(session)
@@ -137,19 +132,14 @@ class SseHandler(JsonHandler):
         node = self.node
         claims = session.claims
         names = [validate_channel(c) for c in self.get_query_arguments("channel")]
-        own = f"user:{claims.sub}"
         try:
-            validate_channel(own)
+            own = validate_channel(own_channel(claims.sub))
         except ProtocolError:
             own = ""  # a sub that makes no channel name: no automatic channel
         channels = list(dict.fromkeys(([own] if own else []) + names))
         if not channels:
             raise ProtocolError("bad_request", "name at least one channel")
-        if len(channels) > node.settings.max_subscriptions:
-            raise ProtocolError(
-                "too_many_subscriptions",
-                f"at most {node.settings.max_subscriptions} channels per stream",
-            )
+        node.check_subscriptions(len(channels))
         since: dict[str, tuple[str, int]] = {}
         for raw in self.get_query_arguments("since"):
             channel, position = parse_position(raw, "since")
@@ -188,15 +178,8 @@ class SseHandler(JsonHandler):
 
     def _send_error(self, exc: ProtocolError, channel: str | None = None) -> None:
         self.node.metrics.errors.labels(exc.code).inc()
-        message: dict[str, Any] = {
-            "type": "error",
-            "code": exc.code,
-            "message": exc.message,
-            "timestamp": wire.now_iso(),
-        }
-        if channel is not None:
-            message["channel"] = channel
-        self.write_event(wire.sse_frame(wire.encode(message)))
+        self.write_event(wire.sse_frame(wire.encode(frames.error(exc.code, exc.message,
+                                                                 channel=channel))))
 
     # -- writing and closing ----------------------------------------------
 

@@ -22,9 +22,9 @@ from gateway.core.backend import Caller, regrant
 from gateway.core.node import Node, parse_since
 from gateway.core.outbox import Outbox
 from gateway.core.session import Session
-from gateway.protocol import wire
-from gateway.protocol.channels import validate_channel
-from gateway.protocol.errors import CloseCode, ProtocolError
+from gateway.protocol import frames, wire
+from gateway.protocol.channels import own_channel, validate_channel
+from gateway.protocol.errors import HTTP_STATUS, CloseCode, ProtocolError
 from gateway.protocol.publication import Publication
 from gateway.security.auth import Claims
 from gateway.security.ratelimit import AbuseCounter, TokenBucket
@@ -110,18 +110,12 @@ class GatewayWebSocket(WebSocketHandler):
     # -- handshake --------------------------------------------------------
 
     def prepare(self) -> None:
-        node = self.node
-        if node.draining:
-            # Refused before the upgrade: the load balancer retries elsewhere.
-            node.metrics.refused.labels("draining").inc()
-            self._refuse(503, "unavailable", "draining")
-        elif not node.ip_limiter.allow(self.request.remote_ip or ""):
-            node.metrics.refused.labels("ip_rate").inc()
-            self._refuse(429, "rate_limited", "too many connection attempts from this address")
-
-    def _refuse(self, status: int, code: str, message: str) -> None:
-        self.set_status(status)
-        self.finish({"error": code, "message": message, "timestamp": wire.now_iso()})
+        try:
+            self.node.check_open(self.request.remote_ip or "")
+        except ProtocolError as exc:
+            # Refused before the upgrade, with the HTTP API's error body.
+            self.set_status(HTTP_STATUS[exc.code])
+            self.finish(frames.problem(exc.code, exc.message))
 
     def check_origin(self, origin: str) -> bool:
         return origin_allowed(origin, self.request.host, self.node.settings.allowed_origins)
@@ -224,7 +218,7 @@ class GatewayWebSocket(WebSocketHandler):
             await self._server_subscribe(channel)
 
     async def _subscribe_own_channel(self, sub: str) -> None:
-        await self._server_subscribe(f"user:{sub}")
+        await self._server_subscribe(own_channel(sub))
 
     async def _server_subscribe(self, channel: str) -> None:
         """A subscription the server makes (own channel, connect hook): no id, no check."""
@@ -262,7 +256,7 @@ class GatewayWebSocket(WebSocketHandler):
         """
         session = self.session
         assert session is not None
-        for channel in sorted(session.subscriptions - {f"user:{claims.sub}"}):
+        for channel in sorted(session.subscriptions - {own_channel(claims.sub)}):
             try:
                 await self.node.authorize(claims, channel, Caller.of(session))
             except ProtocolError as exc:
@@ -271,13 +265,11 @@ class GatewayWebSocket(WebSocketHandler):
                 await self.node.unsubscribe(session, channel)
                 self.node.metrics.errors.labels(exc.code).inc()
                 session.send_json(
-                    {
-                        "type": "error",
-                        "code": exc.code,
-                        "channel": channel,
-                        "message": f"{exc.message}; unsubscribed after the token refresh",
-                        "timestamp": wire.now_iso(),
-                    }
+                    frames.error(
+                        exc.code,
+                        f"{exc.message}; unsubscribed after the token refresh",
+                        channel=channel,
+                    )
                 )
 
     def _schedule_expiry(self, claims: Claims) -> None:
@@ -411,15 +403,7 @@ class GatewayWebSocket(WebSocketHandler):
 
     def _send_error(self, exc: ProtocolError, rid: str | int | None) -> None:
         self.node.metrics.errors.labels(exc.code).inc()
-        self._reply(
-            {
-                "type": "error",
-                "code": exc.code,
-                "message": exc.message,
-                "timestamp": wire.now_iso(),
-            },
-            rid,
-        )
+        self._reply(frames.error(exc.code, exc.message), rid)
 
     # -- writing and closing ----------------------------------------------
 

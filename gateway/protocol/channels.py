@@ -75,6 +75,15 @@ def validate_channel(channel: object) -> str:
     return channel
 
 
+def own_channel(sub: str) -> str:
+    """The `user:{sub}` channel every connection is subscribed to on its own.
+
+    Not validated: a token's `sub` may make no valid channel name, and then
+    the connection works without it (each transport says so its own way).
+    """
+    return f"user:{sub}"
+
+
 def _checked(ns: Namespace) -> Namespace:
     """A namespace whose options have the right types, so a typo fails at start-up."""
     if not _CHANNEL_RE.fullmatch(ns.name) or ":" in ns.name:

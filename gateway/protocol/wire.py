@@ -1,7 +1,8 @@
 """Encoding and decoding of protocol frames.
 
 orjson everywhere; each publication is encoded once per node (see
-`Publication.frame`) and those bytes are what every subscriber receives.
+`Publication.ws_frame` and `sse_frame`) and those bytes are what every
+subscriber receives.
 """
 
 from __future__ import annotations

@@ -39,7 +39,6 @@ __all__ = ["HeraldClient", "Update", "backoff_delay"]
 log = logging.getLogger("herald.client")
 
 Callback = Callable[..., Any]
-State = Literal["connecting", "connected", "reconnecting", "offline"]
 
 
 def backoff_delay(
