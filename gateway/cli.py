@@ -5,6 +5,7 @@ herald token --sub ID [--role admin] [--channels 'job:42,dashboard:*'] [--ttl S]
 herald api-key
 herald check-config
 herald check-token TOKEN        (or - to read it from stdin)
+herald feed postgres [--table jobs] [--owner-column user_id]   (HERALD_FEED_DSN, HERALD_FEED_URL)
 herald --version
 
 Every failure a user can cause (a bad setting, a port in use, a missing env
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import os
 import sys
 import time
 
@@ -210,6 +213,48 @@ def cmd_check_token(args: argparse.Namespace) -> None:
     print(f"  channels claim: {', '.join(claims.channels) or '(none)'}")
 
 
+def cmd_feed_postgres(args: argparse.Namespace) -> None:
+    """Follow a Postgres outbox table and publish each change (docs/feed.md)."""
+    try:
+        from gateway.feed import postgres
+        from gateway.feed.mapping import JobsMapping
+    except ImportError as exc:  # psycopg is the `feed` extra
+        _fail(f"the Postgres feed needs psycopg: pip install 'herald[feed]' ({exc})")
+        raise
+    if args.print_sql:
+        print(postgres.outbox_sql(), end="")
+        return
+    dsn = args.dsn or os.environ.get("HERALD_FEED_DSN")
+    if not dsn:
+        _fail("no database: set HERALD_FEED_DSN (or --dsn)")
+    from prometheus_client import start_http_server
+
+    from gateway.sdk.publisher import HttpPublisher
+    from gateway.telemetry.logs import configure_logging
+
+    settings = _settings_with("api_key")
+    if not settings.api_key:
+        _fail("no API key: set HERALD_API_KEY to the gateway's")
+    configure_logging(settings.log_level)
+    mapping = JobsMapping(table=args.table, owner_column=args.owner_column,
+                          max_bytes=settings.max_publish_bytes)
+    options = postgres.FeedOptions(dsn=str(dsn), mapping=mapping, batch=args.batch,
+                                   poll_interval=args.poll_interval)
+    metrics = postgres.FeedMetrics()
+    if args.metrics_port:
+        try:
+            start_http_server(args.metrics_port, args.metrics_host, registry=metrics.registry)
+        except OSError as exc:
+            _fail(f"metrics port {args.metrics_port}: {exc}")
+
+    async def run() -> None:
+        publisher = HttpPublisher(args.url, settings.api_key)
+        await postgres.run_feed(options, publisher, metrics)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herald", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -238,6 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     check_token.add_argument("token", help="the JWT, or - to read it from stdin (keeps it "
                              "out of shell history and the process list)")
     check_token.set_defaults(func=cmd_check_token)
+    feed = sub.add_parser("feed", help="publish database changes to channels")
+    feeds = feed.add_subparsers(dest="source", required=True)
+    pg = feeds.add_parser("postgres", help="follow a Postgres outbox table (docs/feed.md)")
+    pg.add_argument("--dsn", help="the database (HERALD_FEED_DSN; prefer the variable: a "
+                    "password in arguments shows in the process list)")
+    pg.add_argument("--url", default=os.environ.get("HERALD_FEED_URL", "http://127.0.0.1:8080"),
+                    help="the gateway's base URL (HERALD_FEED_URL); the API key is HERALD_API_KEY")
+    pg.add_argument("--table", default="jobs", help="the jobs table whose rows map to job:{id}")
+    pg.add_argument("--owner-column", default="user_id", help="the column naming the job's owner")
+    pg.add_argument("--batch", type=int, default=500, help="rows per round (1-10000)",
+                    choices=range(1, 10001), metavar="N")
+    pg.add_argument("--poll-interval", type=float, default=1.0,
+                    help="seconds between polls when no notification comes")
+    pg.add_argument("--metrics-port", type=int, default=9108,
+                    help="Prometheus metrics on this port (0: off)")
+    pg.add_argument("--metrics-host", default="0.0.0.0", help="address for the metrics server")
+    pg.add_argument("--print-sql", action="store_true",
+                    help="print the outbox table and trigger SQL, and exit")
+    pg.set_defaults(func=cmd_feed_postgres)
     return parser
 
 

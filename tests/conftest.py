@@ -316,3 +316,31 @@ async def backend() -> AsyncIterator[Any]:
     app = await Backend().start()
     yield app
     await app.stop()
+
+
+# -- a real PostgreSQL (Debian's), for the change feed ----------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_process() -> Iterator[Any]:
+    from tests.pg import start_postgres
+
+    server, tmp = start_postgres(free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+        tmp.cleanup()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_process: Any) -> str:
+    """A fresh database on the session's PostgreSQL server."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_process.dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres_process.dsn.rsplit("/", 1)[0] + f"/{name}"

@@ -127,10 +127,12 @@ class _Recorder(Publisher):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, object, str | None]] = []
+        self.keys: list[str | None] = []
         self.closed = False
 
-    async def publish(self, channel, event, data, *, owner=None):  # type: ignore[no-untyped-def]
+    async def publish(self, channel, event, data, *, owner=None, idempotency_key=None):  # type: ignore[no-untyped-def]
         self.calls.append((channel, event, data, owner))
+        self.keys.append(idempotency_key)
         return {"channel": channel, "epoch": "e", "offset": len(self.calls)}
 
     async def register_job(self, job_id, owner):  # type: ignore[no-untyped-def]
@@ -142,9 +144,11 @@ class _Recorder(Publisher):
 
 async def test_base_builds_job_progress_and_broadcast_on_publish():
     async with _Recorder() as rec:
-        await rec.job_progress("7", "u", "failed", 50, stage="s", message="m")
+        await rec.job_progress("7", "u", "failed", 50, stage="s", message="m",
+                               idempotency_key="feed:9")
         positions = await rec.broadcast(["a:1", "a:2", "a:1"], "ev", 1)
     assert rec.closed
+    assert rec.keys == ["feed:9", None, None]
     assert rec.calls[0] == (
         "job:7",
         "progress",

@@ -66,12 +66,15 @@ class Publisher(abc.ABC):
 
     @abc.abstractmethod
     async def publish(
-        self, channel: str, event: str, data: Any, *, owner: str | None = None
+        self, channel: str, event: str, data: Any, *, owner: str | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Publish one event; returns `{"channel", "epoch", "offset"}`.
 
         `owner` on a `job:` channel records the job's owner if none is
         recorded yet, and is refused (`forbidden`) if another one is.
+        `idempotency_key` (PROTOCOL.md, idempotent publishing): a retry with
+        the same key publishes nothing new; after `unavailable`, retry with it.
         """
 
     async def publish_many(
@@ -79,7 +82,7 @@ class Publisher(abc.ABC):
     ) -> list[dict[str, Any] | PublishError]:
         """Publish many events at once, in order; one result per item, in the items' order.
 
-        Each item is `{"channel", "event", "data", "owner"?}` as in `publish`.
+        Each item is `{"channel", "event", "data", "owner"?, "idempotency_key"?}` as in `publish`.
         An item that fails gets its `PublishError` in its place in the list
         (it is not raised) and the others go on: the caller sees which ones
         to retry. Items on the same channel take offsets in the items' order.
@@ -92,7 +95,7 @@ class Publisher(abc.ABC):
                 raise PublishError("bad_request", "each item must be a mapping")
             calls.append(self.publish(
                 item.get("channel"), item.get("event", "message"), item.get("data"),
-                owner=item.get("owner"),
+                owner=item.get("owner"), idempotency_key=item.get("idempotency_key"),
             ))
         # Every call queues its publish before the first one is sent (no call
         # awaits anything earlier), so the batch keeps the items' order.
@@ -120,6 +123,8 @@ class Publisher(abc.ABC):
         progress: float,
         stage: str | None = None,
         message: str | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Publish a `progress` event on `job:{job_id}` owned by `user_id`.
 
@@ -138,7 +143,9 @@ class Publisher(abc.ABC):
             "stage": stage,
             "message": message,
         }
-        return await self.publish(f"job:{job_id}", "progress", data, owner=user_id)
+        return await self.publish(
+            f"job:{job_id}", "progress", data, owner=user_id, idempotency_key=idempotency_key
+        )
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the transport's resources."""
@@ -191,11 +198,14 @@ class HttpPublisher(Publisher):
         )
 
     async def publish(
-        self, channel: str, event: str, data: Any, *, owner: str | None = None
+        self, channel: str, event: str, data: Any, *, owner: str | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"channel": channel, "event": event, "data": data}
         if owner is not None:
             body["owner"] = owner
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key  # the body form: batch items carry it too
         if tracing.may_record():
             # Its own request, so the caller's trace context goes with it.
             return await self._post("/api/v1/publish", _encode(body))
@@ -331,10 +341,14 @@ class RedisPublisher(Publisher):
         )
 
     async def publish(
-        self, channel: str, event: str, data: Any, *, owner: str | None = None
+        self, channel: str, event: str, data: Any, *, owner: str | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         from gateway.core import publishing
 
+        if idempotency_key is not None:
+            # Deduplication happens in the gateway's publish; this path has none yet.
+            raise PublishError("bad_request", "idempotency keys need HttpPublisher for now")
         body = {"channel": channel, "event": event, "data": data, "owner": owner}
         async with self._errors():
             req = publishing.PublishRequest.parse(body, self._max_bytes)
