@@ -30,6 +30,7 @@ RANK = {
     "gateway.sdk": 5,
     "gateway.demo": 5,
     "gateway.handlers": 6,
+    "gateway.feed": 6,  # a publisher: it goes through gateway.sdk
     "gateway.app": 7,
     "gateway.server": 8,
     "gateway.cli": 9,
