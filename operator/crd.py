@@ -140,7 +140,8 @@ SPEC_SCHEMA: dict[str, Any] = {
                 "enabled": {"type": "boolean", "default": True},
                 "threshold": {"type": "number", "default": 0.2, "minimum": 0.05,
                               "maximum": 10.0,
-                              "description": "Shed from gateways above (1 + threshold) x mean."},
+                              "description": "Shed while some gateway is further than "
+                                             "threshold x mean from the mean."},
                 "maxShedPerSecond": _int(20, 1, 10_000,
                                          "Most connections asked to move per second, in all."),
             },

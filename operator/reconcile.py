@@ -25,7 +25,7 @@ from typing import Any, Literal
 from herald_operator import manifests, metrics
 from herald_operator.kube import Kube, path
 from herald_operator.policy import Changes, Decision, History, Load, Memory, clamp, decide
-from herald_operator.rebalance import DELETION_COST, NodeLoad, deletion_costs, shed_plan
+from herald_operator.rebalance import DELETION_COST, NodeLoad, deletion_costs, plan_shed
 from herald_operator.registry import NodeStats, RegistryPool, RegistryUnavailable
 from herald_operator.spec import GatewaySpec, SpecError, applied_spec, dropped_fields, parse_spec
 
@@ -79,8 +79,11 @@ class Outcome:
         self.events.append(("Warning" if warning else "Normal", reason, message))
 
 
-def _now_iso(now: float) -> str:
-    return datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now_iso(now: float, precise: bool = False) -> str:
+    stamp = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    if precise:
+        return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Conditions:
@@ -188,7 +191,8 @@ async def reconcile(ctx: Context, body: Mapping[str, Any], now: float) -> Outcom
     deploy_status = deploy.get("status") or {}
     ready = int(deploy_status.get("readyReplicas") or 0)
     if decision.direction != "down" and nodes is not None:
-        await _rebalance(ctx, spec, name, namespace, nodes, running, ready, decision, now, out)
+        await _rebalance(ctx, spec, name, namespace, nodes, running, ready, decision, now,
+                         _unix(status.get("lastRebalanceTime")), out)
 
     labels = (namespace, name)
     metrics.DESIRED.labels(*labels).set(decision.replicas)
@@ -335,26 +339,37 @@ async def _ensure(ctx: Context, out: Outcome, kind: str, url: str,
 
 async def _rebalance(ctx: Context, spec: GatewaySpec, name: str, namespace: str,
                      nodes: list[NodeStats], running: int, ready: int, decision: Decision,
-                     now: float, out: Outcome) -> None:
+                     now: float, last_shed: float | None, out: Outcome) -> None:
     """Shed toward the mean once every wanted pod runs, reports, and is ready."""
     if not spec.rebalancing or len(nodes) < 2:
         return
     if ready < decision.replicas or running < decision.replicas or len(nodes) < running:
         return
-    budget = max(1, int(spec.max_shed_per_second * ctx.interval))
-    plan = shed_plan([NodeLoad(n.node, n.connections, n.ready, n.draining) for n in nodes],
-                     spec.rebalance_threshold, budget, spec.scaling.target_connections // 2)
-    if not plan:
+    plan = plan_shed([NodeLoad(n.node, n.connections, n.ready, n.draining, n.updated)
+                      for n in nodes], now, last_shed, spec.rebalance_threshold,
+                     spec.max_shed_per_second, spec.scaling.target_connections // 2)
+    if not plan.shed:
         return
     try:
         registry = ctx.registries.get(spec.redis_url or ctx.redis_url, spec.redis_prefix)
-        for node, count in plan.items():
+        for node, count in plan.shed.items():
             await registry.shed(node, count)
     except RegistryUnavailable as exc:
         log.warning("rebalance of %s/%s failed: %s", namespace, name, exc)
         return
-    metrics.SHED.labels(namespace, name).inc(sum(plan.values()))
+    metrics.SHED.labels(namespace, name).inc(sum(plan.shed.values()))
     mean = sum(n.connections for n in nodes) / len(nodes)
-    text = ", ".join(f"{node} sheds {count}" for node, count in plan.items())
-    out.event("Rebalancing", f"mean {mean:.0f} connections per gateway: {text}")
-    out.status["lastRebalanceTime"] = _now_iso(now)
+    text = ", ".join(f"{node} sheds {count}" for node, count in plan.shed.items())
+    out.event("Rebalancing", f"{plan.reason}, mean {mean:.0f} connections per gateway: {text}")
+    # With its fraction: the next shed waits for registry records written after it.
+    out.status["lastRebalanceTime"] = _now_iso(now, precise=True)
+
+
+def _unix(stamp: Any) -> float | None:
+    """An RFC 3339 time from the status as unix time (None when absent or garbled)."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

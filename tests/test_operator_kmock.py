@@ -22,7 +22,7 @@ import orjson
 import pytest
 import redis
 
-from herald_operator.rebalance import DELETION_COST
+from herald_operator.rebalance import DELETION_COST, PACE_CAP_SECONDS, SETTLE_SECONDS
 from herald_operator.spec import LAST_APPLIED
 from tests.conftest import free_port
 from tests.operator_harness import (
@@ -294,21 +294,23 @@ async def test_rebalancing_asks_the_fullest_gateways_to_shed_within_the_budget(
     async with FleetController(api, "gw") as fleet:
         await wait_for(lambda: _pods_are(fleet, 2), "2 pods", proc=proc)
         # A just-added empty gateway next to a full one: gw-0 holds everything.
-        commands: list[tuple[str, dict[str, Any]]] = []
+        commands: list[tuple[float, str, dict[str, Any]]] = []
 
         async def shed_seen():
             write_node(client, "gw-0", 400)
             write_node(client, "gw-1", 0)
             while (message := control.get_message(timeout=0.05)) is not None:
                 if message["type"] == "pmessage":
-                    commands.append((message["channel"].decode(),
+                    commands.append((time.monotonic(), message["channel"].decode(),
                                      orjson.loads(message["data"])))
             return len(commands) >= 2
         await wait_for(shed_seen, "two shed requests", proc=proc)
-    assert {channel for channel, _ in commands} == {"herald:control:gw-0"}
-    for _, command in commands:
-        # 30 connections/s at one pass per second: never more than 30 per request.
-        assert command["cmd"] == "shed" and 0 < command["count"] <= 30
+    assert {channel for _, channel, _ in commands} == {"herald:control:gw-0"}
+    for _, _, command in commands:
+        # Paced by time: 30 connections/s, at most PACE_CAP_SECONDS of it per round.
+        assert command["cmd"] == "shed" and 0 < command["count"] <= 30 * PACE_CAP_SECONDS
+    # One pass per second, but the second shed waited for records newer than the first.
+    assert commands[1][0] - commands[0][0] >= SETTLE_SECONDS - 0.5
     assert await wait_for(lambda: events(api, "Rebalancing"), "a Rebalancing event")
     assert (await _status(api, "lastRebalanceTime"))["lastRebalanceTime"]
     control.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,14 @@ import yaml
 
 from herald_operator import manifests
 from herald_operator.crd import SPEC_SCHEMA, crd_manifest, crd_yaml
-from herald_operator.rebalance import NodeLoad, deletion_costs, shed_plan
+from herald_operator.rebalance import (
+    PACE_CAP_SECONDS,
+    SETTLE_SECONDS,
+    NodeLoad,
+    deletion_costs,
+    imbalance,
+    plan_shed,
+)
 from herald_operator.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,30 +134,82 @@ def test_deletion_costs_follow_connections():
     assert deletion_costs(["new"], {}) == {"new": 0}
 
 
-@pytest.mark.parametrize(("loads", "threshold", "budget", "plan"), [
-    ({"a": 100, "b": 100}, 0.2, 1000, {}),  # balanced
-    ({"a": 300, "b": 0, "c": 0}, 0.2, 1000, {"a": 200}),  # after a scale-up: down to the mean
-    ({"a": 300, "b": 0, "c": 0}, 0.2, 50, {"a": 50}),  # rate-bounded
-    ({"a": 300, "b": 280, "c": 0, "d": 0}, 0.2, 1000, {"a": 155, "b": 135}),
-    ({"a": 300, "b": 280, "c": 0, "d": 0}, 0.2, 200, {"a": 155, "b": 45}),  # fullest first
-    ({"a": 110, "b": 90}, 0.2, 1000, {}),  # within the threshold
-    ({"a": 500}, 0.2, 1000, {}),  # nobody to move to
+@pytest.mark.parametrize(("loads", "rate", "plan"), [
+    ({"a": 100, "b": 100}, 1000, {}),  # balanced
+    ({"a": 300, "b": 0, "c": 0}, 1000, {"a": 200}),  # after a scale-up: down to the mean
+    ({"a": 300, "b": 0, "c": 0}, 10, {"a": 50}),  # paced: 10/s x 5 s
+    ({"a": 300, "b": 280, "c": 0, "d": 0}, 1000, {"a": 155, "b": 135}),
+    ({"a": 300, "b": 280, "c": 0, "d": 0}, 40, {"a": 155, "b": 45}),  # fullest first
+    ({"a": 110, "b": 90}, 1000, {}),  # within the threshold (10 %)
+    ({"a": 11, "b": 19, "c": 19, "d": 20}, 1000, {"b": 1, "c": 1, "d": 2}),  # 36 %: the low one
+    ({"a": 500}, 1000, {}),  # nobody to move to
 ])
-def test_shed_plan(loads, threshold, budget, plan):
+def test_shed_plan(loads, rate, plan):
     nodes = [NodeLoad(name, conns) for name, conns in loads.items()]
-    assert shed_plan(nodes, threshold, budget) == plan
+    assert plan_shed(nodes, 100.0, None, 0.2, rate).shed == plan
+
+
+def test_imbalance():
+    assert imbalance([11, 19, 19, 20]) == pytest.approx(0.362, abs=1e-3)
+    assert imbalance([10, 10]) == 0.0 and imbalance([]) == 0.0 and imbalance([0, 0]) == 0.0
 
 
 def test_shed_plan_waits_while_a_gateway_drains_and_ignores_unready_ones():
-    assert shed_plan([NodeLoad("a", 300), NodeLoad("b", 0, draining=True),
-                      NodeLoad("c", 0)], 0.2, 1000) == {}
-    assert shed_plan([NodeLoad("a", 300), NodeLoad("c", 0, ready=False)], 0.2, 1000) == {}
+    assert plan_shed([NodeLoad("a", 300), NodeLoad("b", 0, draining=True),
+                      NodeLoad("c", 0)], 0.0, None, 0.2, 1000).shed == {}
+    assert plan_shed([NodeLoad("a", 300), NodeLoad("c", 0, ready=False)], 0.0, None, 0.2,
+                     1000).shed == {}
 
 
 def test_shed_plan_leaves_lightly_loaded_gateways_alone():
     nodes = [NodeLoad("a", 40), NodeLoad("b", 0), NodeLoad("c", 0)]
-    assert shed_plan(nodes, 0.2, 1000, floor=50) == {}
-    assert shed_plan(nodes, 0.2, 1000, floor=30) == {"a": 10}  # down to the floor, not the mean
+    assert plan_shed(nodes, 0.0, None, 0.2, 1000, floor=50).shed == {}
+    # down to the floor, not the mean
+    assert plan_shed(nodes, 0.0, None, 0.2, 1000, floor=30).shed == {"a": 10}
+
+
+def test_shed_waits_for_counts_newer_than_the_last_shed_and_paces_by_time():
+    def nodes(updated: float) -> list[NodeLoad]:
+        return [NodeLoad("a", 300, updated=updated), NodeLoad("b", 0, updated=updated)]
+    # A record written before the last shed's reconnects landed shows clients already gone.
+    waiting = plan_shed(nodes(100.0 + SETTLE_SECONDS - 0.1), 110.0, 100.0, 0.2, 20)
+    assert waiting.shed == {} and "newer than the last shed" in waiting.reason
+    # Newer counts: the budget is the rate times the time since the last shed, capped.
+    assert plan_shed(nodes(104.5), 104.5, 100.0, 0.2, 20).shed == {"a": 90}
+    assert plan_shed(nodes(160.0), 160.0, 100.0, 0.2, 20).shed == {
+        "a": int(20 * PACE_CAP_SECONDS)}
+
+
+def test_shed_converges_without_oscillating_at_any_interval():
+    """A simulated fleet: shed clients land on a uniformly random gateway after 3 s, the
+    registry shows counts 0-2 s old. From 2 full + 2 empty gateways, every reconcile
+    interval ends inside the tolerance, and stops shedding once there."""
+    for interval in (1.0, 2.0, 5.0, 10.0):
+        rng = random.Random(7)
+        counts = {"a": 100, "b": 100, "c": 0, "d": 0}
+        in_flight: list[tuple[float, int]] = []  # (lands at, how many)
+        written = {n: (0.0, c) for n, c in counts.items()}
+        last_shed, now, moved = None, 0.0, 0
+        while now < 120.0:
+            for when, count in [f for f in in_flight if f[0] <= now]:
+                for _ in range(count):
+                    counts[rng.choice(list(counts))] += 1
+                in_flight.remove((when, count))
+            for n in counts:  # each gateway writes its record every 2 s
+                if now - written[n][0] >= 2.0:
+                    written[n] = (now, counts[n])
+            if int(now * 10) % int(interval * 10) == 0:
+                plan = plan_shed([NodeLoad(n, c, updated=t) for n, (t, c) in written.items()],
+                                 now, last_shed, 0.2, 20)
+                for node, count in plan.shed.items():
+                    counts[node] -= count
+                    in_flight.append((now + 3.0, count))
+                    moved += count
+                if plan.shed:
+                    last_shed = now
+            now = round(now + 0.1, 1)
+        assert imbalance(counts.values()) <= 0.2, (interval, counts)
+        assert moved < 200, (interval, moved)  # well under moving everyone
 
 
 def test_every_spec_field_is_documented():
