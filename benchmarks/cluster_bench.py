@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="also sample the gateway with py-spy at W1/W2's best rate")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                        help="the gateways' HERALD_EVENT_LOOP (default auto: uvloop)")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(WORKLOADS)
     if unknown:
@@ -71,7 +73,7 @@ async def run(args: argparse.Namespace) -> dict:
     gen = await Worker.start("benchmarks.loadgen", "generator")
     pub = await Worker.start("benchmarks.publisher", "publisher")
     bench = Bench(Rig(gen, pub, redis.pid), redis, sizes, logdir, args.gateways,
-                  args.profile)
+                  args.profile, {"HERALD_EVENT_LOOP": args.event_loop})
     started = time.monotonic()
     try:
         for name in args.only.split(","):
@@ -86,6 +88,7 @@ async def run(args: argparse.Namespace) -> dict:
         "seconds": time.monotonic() - started,
         "load_after": load_note(),
         "gateways": args.gateways,
+        "event_loop": args.event_loop,
     }
     return bench.results
 
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     results = asyncio.run(run(args))
     meta = results["meta"]
     print(f"\nresults ({meta['mode']}, {meta['gateways']} gateway(s) for W1-W3, "
+          f"event loop {meta['event_loop']}, "
           f"{meta['seconds']:.0f}s, {meta['load_after']} at the end):")
     print(report.render(report.build(results)))
     if args.json:

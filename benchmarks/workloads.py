@@ -60,6 +60,8 @@ class Bench:
     logdir: Path
     gateways: int = 1
     profile_dir: Path | None = None
+    # Extra HERALD_* settings for the gateways (e.g. HERALD_EVENT_LOOP).
+    herald_env: dict[str, str] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def say(self, text: str) -> None:
@@ -67,7 +69,7 @@ class Bench:
 
     async def cluster(self, system: str, count: int) -> Cluster:
         self.redis.flushall()
-        cluster = Cluster(system, self.redis, self.logdir)
+        cluster = Cluster(system, self.redis, self.logdir, dict(self.herald_env))
         await asyncio.to_thread(cluster.start, count)
         return cluster
 

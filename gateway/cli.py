@@ -84,7 +84,7 @@ def _check(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from gateway.server import serve_forever
+    from gateway.server import run, serve_forever
     from gateway.telemetry.logs import configure_logging
 
     settings = _settings()
@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             print(BANNER.format(path=path, host=host, port=port), file=sys.stderr, flush=True)
 
     try:
-        asyncio.run(serve_forever(settings, announce))
+        run(settings, lambda: serve_forever(settings, announce))
     except KeyboardInterrupt:
         pass
     except ConfigError as exc:  # the port, the state directory: judged when used

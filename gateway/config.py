@@ -42,6 +42,8 @@ def _bool(raw: str) -> bool:
 
 
 ENGINES = ("memory", "redis")
+# `herald serve`'s event loop: uvloop when installed (a dependency on Linux), else asyncio's.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 KNOWN_ENVS = frozenset({"development", "dev", "production", "prod"})
 _POSITIVE = (
     "redis_timeout",
@@ -140,6 +142,8 @@ class Settings:
     state_dir: str = ""
     demo: bool = True
     log_level: str = "INFO"
+    # `auto` (uvloop when installed), `uvloop` (required), or `asyncio` (the stock loop).
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
         """Refuse values that would fail later, or silently weaken security, at start-up."""
@@ -156,6 +160,9 @@ class Settings:
             raise ConfigError(
                 f"HERALD_ENGINE={self.engine} contradicts HERALD_REDIS_URL (unset one of them)"
             )
+        if self.event_loop not in EVENT_LOOPS:
+            expected = ", ".join(EVENT_LOOPS)
+            raise ConfigError(f"HERALD_EVENT_LOOP={self.event_loop!r}: expected one of {expected}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"HERALD_PORT={self.port}: expected 0-65535")
         for name in _POSITIVE:

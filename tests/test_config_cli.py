@@ -27,7 +27,7 @@ from tornado.httpclient import AsyncHTTPClient
 from gateway.config import DEV_SECRETS_FILE, ConfigError, Settings, with_dev_secrets
 from gateway.security.auth import Authenticator
 from gateway.server import start_gateway
-from tests.conftest import free_port
+from tests.conftest import API_KEY, free_port
 from tests.support import public_pem, rsa_key
 
 BIN = Path(sys.executable).parent / "herald"
@@ -214,6 +214,7 @@ def test_serve_in_production_without_secrets_exits_with_reason(tmp_path):
         ({"HERALD_NAMESPACES": "{oops"}, "HERALD_NAMESPACES is not valid"),
         ({"HERALD_JWT_ALGORITHMS": "none"}, "must not contain 'none'"),
         ({"HERALD_ENV": "prodution"}, "expected development or production"),
+        ({"HERALD_EVENT_LOOP": "tokio"}, "HERALD_EVENT_LOOP='tokio': expected one of auto"),
     ],
 )
 def test_serve_with_bad_setting_exits_with_one_line(tmp_path, extra, says):
@@ -459,3 +460,16 @@ async def test_herald_serve_end_to_end(tmp_path):
     assert "GET /ws?token=[redacted]" in stderr  # the access log saw that request...
     assert tok.strip() not in stderr  # ...without the token
     assert json.loads(secrets_file.read_text())["api_key"] not in stderr  # no secret in logs
+
+
+@pytest.mark.parametrize(("setting", "loop"), [(None, "uvloop"), ("asyncio", "asyncio"),
+                                               ("uvloop", "uvloop")])
+async def test_serve_runs_on_uvloop_unless_told_otherwise(spawn_gateway, setting, loop):
+    """uvloop is a dependency on Linux: `herald serve` uses it by default, the stock loop
+    on request, and says which one it runs in its figures."""
+    env = {"HERALD_EVENT_LOOP": setting} if setting else {}
+    gw = spawn_gateway(f"gw-loop-{loop}", **env)
+    resp = await AsyncHTTPClient().fetch(
+        gw.url + "/api/v1/stats", headers={"Authorization": f"apikey {API_KEY}"}
+    )
+    assert orjson.loads(resp.body)["event_loop"] == loop

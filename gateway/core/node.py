@@ -496,6 +496,8 @@ class Node:
         return {
             "node": self.id,
             "engine": type(self.broker).__name__,
+            # `uvloop` or `asyncio` (HERALD_EVENT_LOOP).
+            "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             "ready": self.ready,
             "draining": self.draining,
             "uptime": round(time.time() - self.started, 3),
