@@ -5,7 +5,9 @@
 - a Redis-engine gateway killed and restarted under the page: it shows
   `reconnecting`, then resumes with every published offset exactly once;
 - WebSocket upgrades refused by a proxy: the page works over SSE; with the
-  stream refused too, it works by polling.
+  stream refused too, it works by polling;
+- an `rpc` and a `publish` from the page through /client.js, answered by a
+  real backend behind the gateway's hooks.
 """
 
 from __future__ import annotations
@@ -253,3 +255,41 @@ async def test_blocked_websockets_fall_back(spawn_gateway, page, refuse, state, 
         assert await page_offsets(page, "job:p1") == log
     finally:
         server.close()
+
+
+async def test_rpc_and_publish_round_trip_from_chromium_through_client_js(
+    spawn_gateway, backend, page
+):
+    """An RPC from the page, through /client.js and the gateway, answered by the backend."""
+    import orjson
+
+    from tests.backend_app import Accept, Reject
+    from tests.conftest import token
+
+    rooms = orjson.dumps({"room": {"access": "authenticated", "client_publish": True}}).decode()
+    gw = spawn_gateway("gw-rpc", HERALD_NAMESPACES=rooms,
+                       **backend.env(hook_timeout=2.0, hook_connect_path=""))
+    backend.on("rpc", lambda req: Accept({"cancelled": req["params"]["id"], "by": req["user"]})
+               if req["method"] == "jobs.cancel" else Reject("not_found", "no such method"))
+    await page.goto(gw.url + "/healthz")  # the gateway's origin, for the module import
+    result = await page.evaluate(
+        """async (token) => {
+            const { HeraldClient } = await import("/client.js");
+            const herald = new HeraldClient({ url: location.origin, token });
+            herald.connect();
+            const got = { rpc: await herald.rpc("jobs.cancel", { id: 42 }) };
+            try { await herald.rpc("metrics:get", {}); } catch (e) { got.error = e.code; }
+            got.published = await herald.publish("room:1", "chat", { text: "hi" });
+            try { await herald.publish("public:x", "chat", {}); }
+            catch (e) { got.refused = e.code; }
+            herald.close();
+            return got;
+        }""",
+        token("browser-user"),
+    )
+    assert result["rpc"] == {"cancelled": 42, "by": "browser-user"}
+    assert result["error"] == "not_found"
+    assert (result["published"]["channel"], result["published"]["offset"]) == ("room:1", 1)
+    assert result["refused"] == "forbidden"
+    call = backend.calls["rpc"][0]
+    assert (call.body["transport"], call.body["user"]) == ("ws", "browser-user")
