@@ -254,3 +254,24 @@ async def test_a_subscribe_hook_namespace_without_the_hook_refuses_to_start():
 
     with pytest.raises(ConfigError, match="subscribe_hook"):
         Node(base_settings(namespaces=NAMESPACES))
+
+
+async def test_connect_hook_over_sse(make_gateway, backend):
+    from tests.sse_client import SseStream
+
+    gw = await start(make_gateway, backend)
+    backend.on("connect", lambda req: {
+        "victim": Reject("forbidden", "banned"), "slow": Delay(2.0),
+    }.get(req["user"], Accept({"channels": ["public:lobby"]})))
+    for user, status, code in [("victim", 403, "forbidden"), ("slow", 503, "unavailable")]:
+        stream = await SseStream.open(gw.port, "/sse", {"Authorization": f"Bearer {token(user)}"})
+        assert (stream.status, stream.json()["error"]) == (status, code)
+        await stream.close()
+    stream = await SseStream.open(gw.port, "/sse", {"Authorization": f"Bearer {token('ok')}"})
+    assert stream.status == 200
+    connected = await stream.expect("connected")
+    channels = {(await stream.expect("subscribed")).data["channel"] for _ in range(2)}
+    assert channels == {"user:ok", "public:lobby"}  # the hook's channel added
+    assert backend.calls["connect"][-1].body["transport"] == "sse"
+    assert backend.calls["connect"][-1].body["client"] == connected.data["client"]
+    await stream.close()

@@ -24,7 +24,7 @@ import pytest
 from gateway.broker.redis import RedisBroker
 from gateway.protocol.channels import Namespaces
 from gateway.telemetry import tracing
-from tests.conftest import API_KEY, api_headers, gateway_env
+from tests.conftest import API_KEY, api_headers, gateway_env, token
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.support import http
 from tests.test_cluster import connect, wait_until
@@ -359,3 +359,18 @@ def test_setup_with_no_otel_variable_installs_nothing() -> None:
     assert tracing.setup("gw-x", {}) is False
     assert tracing.enabled is False
     assert type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider"
+
+
+async def test_hook_calls_carry_the_trace_context(spawn_gateway, receiver, backend):
+    """An RPC over HTTP with the caller's traceparent: the backend's hook request
+    continues that trace (the same trace id, a new parent span: the hook call's)."""
+    gw = spawn_gateway("gw-hooks", **otel_env(receiver), **backend.env(hook_connect_path=""))
+    header, trace_id, parent = new_traceparent()
+    status, body = await http(
+        gw, "POST", "/api/v1/rpc", {"method": "echo", "params": [1]},
+        {"Authorization": f"Bearer {token('u1')}", "traceparent": header},
+    )
+    assert (status, body) == (200, {"result": [1]})
+    sent = backend.calls["rpc"][0].headers["traceparent"]
+    _version, sent_trace, sent_span, _flags = sent.split("-")
+    assert sent_trace == trace_id and sent_span != parent
