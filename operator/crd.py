@@ -155,9 +155,10 @@ SPEC_SCHEMA: dict[str, Any] = {
             ],
             "properties": {
                 "url": {"type": "string", "maxLength": 2048,
-                        "pattern": r"^(redis|rediss|redis\+sentinel)://",
-                        "description": "redis://, rediss:// or redis+sentinel:// URL "
-                                       "(no password here: use secretRef for one)."},
+                        "pattern": r"^(redis|rediss|redis\+sentinel|redis\+cluster)://",
+                        "description": "redis://, rediss://, redis+sentinel:// or "
+                                       "redis+cluster:// URL (no password here: use "
+                                       "secretRef for one)."},
                 "secretRef": _secret_key_ref("Secret holding the full Redis URL.", "redis-url"),
                 "prefix": {"type": "string", "default": "herald:", "maxLength": 64,
                            "pattern": r"^[A-Za-z0-9:_.-]*$"},

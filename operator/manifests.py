@@ -1,7 +1,7 @@
 """The objects a `RealtimeGateway` owns, as plain dicts (pure: spec in, manifest out).
 
 Deployment: `herald serve` with the registry's node id set to the pod name,
-readiness on `/readyz`, liveness on `/healthz`, a preStop pause so endpoints
+readiness on `/readyz`, startup and liveness on `/healthz`, a preStop pause so endpoints
 stop routing before SIGTERM, and `terminationGracePeriodSeconds` = preStop +
 drain + margin so Kubernetes never kills a gateway mid-drain. Rolling updates
 never take capacity away (`maxUnavailable: 0`). Service and PDB select the
@@ -113,9 +113,11 @@ def deployment(name: str, namespace: str, uid: str, spec: GatewaySpec,
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": gateway_env(spec),
         "readinessProbe": probe,
+        # Up to a minute to start (Redis may still be coming up), then liveness.
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"},
+                         "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 30},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
-                          "initialDelaySeconds": 5, "periodSeconds": 10,
-                          "timeoutSeconds": 2, "failureThreshold": 3},
+                          "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3},
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
         "resources": spec.raw["resources"],
         "securityContext": tpl.get("containerSecurityContext") or DEFAULT_CONTAINER_SECURITY,

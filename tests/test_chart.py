@@ -114,6 +114,24 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "backend"}}}]},
     },
     "jwks": {"auth": {"jwt": {"jwksUrl": "https://id.example.com/.well-known/jwks.json"}}},
+    "redis-sentinel": {"redis": {"mode": "sentinel"}},
+    "external-redis-cluster": {"redis": {"enabled": False, "external": {
+        "url": "redis+cluster://:pw@r1.example.com:7000,r2.example.com:7000,r3.example.com:7000"}}},
+    # The usual one-liner: --set ingress.enabled=true --set ingress.hosts[0].host=...
+    "ingress-host-only": {"ingress": {"enabled": True, "hosts": [{"host": "rt.example.com"}]},
+                          "networkPolicy": {"gatewaySources": "any"}},
+    "platform": {
+        "image": {"registry": "mirror.example.com:5000", "repository": "team/herald"},
+        "redis": {"image": {"registry": "mirror.example.com:5000"}},
+        "gateway": {"serviceAccount": {"annotations": {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/herald"}},
+                    "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"}},
+        "operator": {"replicas": 2, "serviceAccount": {"annotations": {
+            "iam.gke.io/gcp-service-account": "herald@project.iam.gserviceaccount.com"}}},
+        "networkPolicy": {"ingressNamespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": "traefik"}}},
+        "ingress": {"enabled": True, "className": "traefik", "websocketAnnotations": False},
+    },
     "existing-public-key": {"auth": {"jwt": {"existingSecret": "idp-key",
                                              "existingSecretKey": "tls.pub",
                                              "existingSecretHolds": "publicKey"}}},
@@ -824,6 +842,13 @@ BAD_VALUES = [
     (["otel.TRACES=1"], "'TRACES' does not match pattern '^OTEL_"),
     (["redis.password=p@ss"], "/redis/password"),
     (["redis.external.url=http://redis:6379"], "/redis/external/url"),
+    (["redis.mode=cluster"], "/redis/mode"),
+    (["redis.mode=sentinel", "redis.sentinel.quorum=4"],
+     "redis.sentinel.quorum (4) must be between 1 and redis.sentinel.replicas (3)"),
+    (["redis.sentinel.replicas=2"], "/redis/sentinel/replicas"),
+    (["networkPolicy.gatewaySources=none"], "/networkPolicy/gatewaySources"),
+    (["gateway.topologySpread.whenUnsatisfiable=Maybe"],
+     "/gateway/topologySpread/whenUnsatisfiable"),
     (["gateway.minReplicas=20"],
      "gateway.minReplicas (20) must not exceed gateway.maxReplicas (10)"),
     (["gateway.scaleUp.minStep=5"], "gateway.scaleUp.minStep (5) must not exceed"),
@@ -965,6 +990,10 @@ def test_bundled_redis_config_args_and_probe_work(
             client.execute_command("FLUSHALL")  # disabled by rename-command
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port, socket_timeout=5).set("k", "v")
+        # Persistence (AOF) on by default, and a policy that never evicts the registry.
+        assert client.info("persistence")["aof_enabled"] == 1
+        memory = client.info("memory")
+        assert memory["maxmemory_policy"] == "noeviction" and memory["maxmemory"] > 0
         # The readiness probe, with redis-cli pointed at this port.
         shim = tmp_path / "bin"
         shim.mkdir()
@@ -1049,3 +1078,147 @@ def test_chart_gateway_env_runs_herald_and_helm_test_passes(
     done = run_script(HERALD_API_KEY="wrong")
     assert done.returncode == 1
     assert "publish refused: HTTP 401" in done.stderr
+
+
+# -- platform defaults: spread, probes, identity, registries, network sources ------------
+
+
+def spread_keys(pod: dict) -> dict[str, str]:
+    return {c["topologyKey"]: c["whenUnsatisfiable"]
+            for c in pod.get("topologySpreadConstraints") or []}
+
+
+def test_pods_spread_over_zones_and_hosts_by_default(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["defaults"]
+    want = {"topology.kubernetes.io/zone": "ScheduleAnyway",
+            "kubernetes.io/hostname": "ScheduleAnyway"}
+    (made,) = [d for d in operator_objects(docs) if d["kind"] == "Deployment"]
+    gateway_pod = made["spec"]["template"]
+    assert spread_keys(gateway_pod["spec"]) == want
+    for constraint in gateway_pod["spec"]["topologySpreadConstraints"]:
+        # It selects the pods the operator makes, and each rollout's own.
+        assert constraint["labelSelector"]["matchLabels"].items() <= \
+            gateway_pod["metadata"]["labels"].items()
+        assert constraint["matchLabelKeys"] == ["pod-template-hash"]
+    operator_pod = one(docs, "Deployment", "rel-herald-operator")["spec"]["template"]
+    assert spread_keys(operator_pod["spec"]) == want
+    assert operator_pod["spec"]["topologySpreadConstraints"][0]["labelSelector"][
+        "matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
+    plain = one(rendered["no-operator"], "Deployment", "rel-herald-gateway")["spec"]["template"]
+    assert spread_keys(plain["spec"]) == want
+    strict = [d for d in operator_objects(rendered["platform"]) if d["kind"] == "Deployment"]
+    assert set(spread_keys(strict[0]["spec"]["template"]["spec"]).values()) == {"DoNotSchedule"}
+    # The user's own constraints replace the defaults.
+    custom = [d for d in operator_objects(rendered["everything-custom"])
+              if d["kind"] == "Deployment"] or \
+        [one(rendered["everything-custom"], "Deployment", "rel-herald-gateway")]
+    assert spread_keys(custom[0]["spec"]["template"]["spec"]) == {
+        "kubernetes.io/hostname": "ScheduleAnyway"}
+
+
+def test_startup_probes_before_liveness(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["defaults"]
+    made = [d for d in operator_objects(docs) if d["kind"] == "Deployment"]
+    containers = [made[0]["spec"]["template"]["spec"]["containers"][0],
+                  one(rendered["no-operator"], "Deployment", "rel-herald-gateway")[
+                      "spec"]["template"]["spec"]["containers"][0],
+                  one(docs, "Deployment", "rel-herald-operator")["spec"]["template"]["spec"][
+                      "containers"][0],
+                  one(docs, "StatefulSet", "rel-herald-redis")["spec"]["template"]["spec"][
+                      "containers"][0]]
+    for container in containers:
+        startup, live = container["startupProbe"], container["livenessProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, container["name"]
+        assert "initialDelaySeconds" not in live, container["name"]
+        assert {k: v for k, v in startup.items() if k in ("httpGet", "tcpSocket")} == \
+            {k: v for k, v in live.items() if k in ("httpGet", "tcpSocket")}
+
+
+def test_service_account_annotations_and_image_registry(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["platform"]
+    gateway_sa = one(docs, "ServiceAccount", "rel-herald-gateway")
+    assert gateway_sa["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/herald"}
+    operator_sa = one(docs, "ServiceAccount", "rel-herald-operator")
+    assert "iam.gke.io/gcp-service-account" in operator_sa["metadata"]["annotations"]
+    assert "annotations" not in one(rendered["defaults"], "ServiceAccount", "rel-herald-gateway")[
+        "metadata"]
+    images = {c["image"] for _, pod in pod_specs(docs) for c in pod["containers"]}
+    assert images == {"mirror.example.com:5000/team/herald:0.1.0",
+                      "mirror.example.com:5000/redis:7.2-alpine"}
+    assert one(docs, "RealtimeGateway")["spec"]["image"] == \
+        "mirror.example.com:5000/team/herald:0.1.0"
+
+
+def test_ingress_host_alone_defaults_its_path_and_sources_can_be_opened(
+        rendered: dict[str, list[dict]]) -> None:
+    (rule,) = one(rendered["ingress-host-only"], "Ingress")["spec"]["rules"]
+    assert rule["host"] == "rt.example.com"
+    assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [("/", "Prefix")]
+    # gatewaySources=any: no source restriction, only the port.
+    (opened,) = one(rendered["ingress-host-only"], "NetworkPolicy", "rel-herald-gateway")[
+        "spec"]["ingress"]
+    assert "from" not in opened and opened["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    # Another ingress controller: its namespace, as configured.
+    peers = one(rendered["platform"], "NetworkPolicy", "rel-herald-gateway")["spec"][
+        "ingress"][0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "traefik"}},
+            "podSelector": {}} in peers
+
+
+def test_bundled_redis_persists_by_default(rendered: dict[str, list[dict]]) -> None:
+    sts = one(rendered["defaults"], "StatefulSet", "rel-herald-redis")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == values["persistence"]["size"]
+    volumes = {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert "data" not in volumes  # the claim, not an emptyDir
+
+
+def test_redis_sentinel_mode(rendered: dict[str, list[dict]]) -> None:
+    """Three Redis pods, a Sentinel beside each, and Herald's redis+sentinel:// URL to them."""
+    from gateway.cluster.connect import connect
+
+    docs = rendered["redis-sentinel"]
+    sts = one(docs, "StatefulSet", "rel-herald-redis")
+    assert sts["spec"]["replicas"] == 3 and len(sts["spec"]["volumeClaimTemplates"]) == 1
+    pod = sts["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["redis", "sentinel"]
+    assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {
+        "topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    assert not [s for s in objects(docs, "Service") if s["metadata"]["name"] == "rel-herald-redis"]
+    headless = one(docs, "Service", "rel-herald-redis-headless")
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert {p["port"] for p in headless["spec"]["ports"]} == {6379, 26379}
+    assert one(docs, "PodDisruptionBudget", "rel-herald-redis")["spec"]["maxUnavailable"] == 1
+    conf = one(docs, "ConfigMap", "rel-herald-redis")["data"]
+    assert "sentinel monitor herald $master 6379 2" in conf["start-sentinel.sh"]
+    assert 'rename-command CONFIG ""' not in conf["redis.conf"]  # Sentinel reconfigures with it
+    assert "maxmemory-policy noeviction" in conf["redis.conf"]
+    data = one(docs, "Secret", "rel-herald-redis")["data"]
+    url = base64.b64decode(data["redis-url"]).decode()
+    password = base64.b64decode(data["redis-password"]).decode()
+    hosts = ",".join(f"rel-herald-redis-{i}.rel-herald-redis-headless.herald.svc:26379"
+                     for i in range(3))
+    assert url == f"redis+sentinel://:{password}@{hosts}/herald/0?sentinel_password={password}"
+    client = connect(url)  # Herald's own parser accepts it (no connection is made yet)
+    assert client is not None
+    # Sentinels and replication pass the Redis NetworkPolicy.
+    rules = one(docs, "NetworkPolicy", "rel-herald-redis")["spec"]["ingress"]
+    assert any({p["port"] for p in r["ports"]} == {6379, 26379} and
+               r["from"] == [{"podSelector": {"matchLabels": sts["spec"]["selector"][
+                   "matchLabels"]}}] for r in rules)
+
+
+def test_external_redis_cluster_url_reaches_gateways_and_operator(
+        rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["external-redis-cluster"]
+    assert not objects(docs, "StatefulSet")
+    secret = one(docs, "Secret", "rel-herald-redis")["data"]
+    assert base64.b64decode(secret["redis-url"]).decode().startswith("redis+cluster://")
+    rtgw = one(docs, "RealtimeGateway")["spec"]["redis"]["secretRef"]
+    assert rtgw == {"name": "rel-herald-redis", "key": "redis-url"}
+    env = one(docs, "Deployment", "rel-herald-operator")["spec"]["template"]["spec"][
+        "containers"][0]["env"]
+    (url_env,) = [e for e in env if e["name"] == "HERALD_REDIS_URL"]
+    assert url_env["valueFrom"]["secretKeyRef"]["name"] == "rel-herald-redis"

@@ -82,11 +82,57 @@ Deployment or the operator): NetworkPolicy, ServiceMonitor and test use it.
 herald.io/gateway: {{ include "herald.gatewayName" . }}
 {{- end -}}
 
-{{- define "herald.image" -}}
-{{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{/* An image reference: [registry/]repository(@digest|:tag). Call with (dict "image" X "tag" DEFAULT). */}}
+{{- define "herald.imageRef" -}}
+{{- $repo := .image.repository -}}
+{{- with .image.registry }}{{ $repo = printf "%s/%s" (trimSuffix "/" .) $repo }}{{ end -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" $repo .image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" $repo (default .tag .image.tag) -}}
+{{- end -}}
+{{- end -}}
+{{- define "herald.image" -}}
+{{- include "herald.imageRef" (dict "image" .Values.image "tag" .Chart.AppVersion) -}}
+{{- end -}}
+{{- define "herald.redisImage" -}}
+{{- include "herald.imageRef" (dict "image" .Values.redis.image "tag" "7.2-alpine") -}}
+{{- end -}}
+
+{{/* The bundled Redis password, for redis-server (REDIS_PASSWORD) and redis-cli (REDISCLI_AUTH). */}}
+{{- define "herald.redisPasswordEnv" -}}
+{{- range $var := list "REDIS_PASSWORD" "REDISCLI_AUTH" }}
+- name: {{ $var }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "herald.redisPasswordSecretName" $ }}
+      key: {{ include "herald.redisPasswordSecretKey" $ }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Spread a component's pods over zones and hosts. `whenUnsatisfiable:
+ScheduleAnyway` by default, so a one-zone or one-node cluster still schedules
+them; `matchLabelKeys: [pod-template-hash]` counts each Deployment revision on
+its own, so a rolling update spreads the new pods too. A non-empty `custom`
+list (the user's own constraints) replaces it. Call with
+(dict "spread" VALUES "custom" LIST "labels" SELECTOR-LABELS-YAML).
+*/}}
+{{- define "herald.topologySpread" -}}
+{{- if .custom -}}
+{{ toYaml .custom }}
+{{- else if .spread.enabled -}}
+{{- range $key := list "topology.kubernetes.io/zone" "kubernetes.io/hostname" }}
+- maxSkew: {{ $.spread.maxSkew }}
+  topologyKey: {{ $key }}
+  whenUnsatisfiable: {{ $.spread.whenUnsatisfiable }}
+  labelSelector:
+    matchLabels:
+      {{- $.labels | nindent 6 }}
+  {{- if $.revisions }}
+  matchLabelKeys: [pod-template-hash]
+  {{- end }}
+{{- end }}
 {{- end -}}
 {{- end -}}
 
