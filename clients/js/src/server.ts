@@ -71,11 +71,7 @@ export interface BatchOptions {
 export interface PublisherOptions {
   /** Per request (ms). Default 10000. */
   timeoutMs?: number;
-  /**
-   * Coalesce concurrent `publish`/`jobProgress` calls into batch requests
-   * (`{"publications": [...]}`). A gateway without batch publish answers it
-   * 400; the publisher then sends one request per publication from there on.
-   */
+  /** Coalesce concurrent `publish`/`jobProgress` calls into batch requests (`{"publications": [...]}`). */
   batch?: boolean | BatchOptions;
 }
 
@@ -92,8 +88,6 @@ type BatchReply = Array<PublishResult | { error: string; message: string }>;
 
 export class HeraldPublisher {
   readonly baseUrl: string;
-  /** null: not known yet; false: the gateway refused the batch body once. */
-  batching: boolean | null = null;
   private readonly headers: Record<string, string>;
   private readonly timeoutMs: number;
   private readonly batch: Required<BatchOptions> | null;
@@ -120,7 +114,7 @@ export class HeraldPublisher {
     } catch (err) {
       return Promise.reject(err);
     }
-    if (this.batch && this.batching !== false) {
+    if (this.batch) {
       return new Promise((resolve, reject) => {
         this.pending.push({ item, resolve, reject });
         if (this.pending.length >= this.batch!.maxItems) this.flush();
@@ -205,36 +199,23 @@ export class HeraldPublisher {
     void run.finally(() => this.inFlight.delete(run));
   }
 
+  /** One batch request (PROTOCOL.md: batch publish); a lone item goes as a plain publish. */
   private async sendBatch(items: Publication[]): Promise<Array<PublishResult | PublishError>> {
-    if (this.batching !== false && items.length > 1) {
+    if (items.length === 1) {
       try {
-        const reply = await this.post<{ results?: BatchReply }>("/api/v1/publish", {
-          publications: items.map(wireItem),
-        });
-        if (Array.isArray(reply.results) && reply.results.length === items.length) {
-          this.batching = true;
-          return reply.results.map((r) =>
-            "error" in r ? new PublishError(r.error, r.message) : r,
-          );
-        }
-        throw new PublishError("internal", "the batch answer does not match the request");
+        return [await this.publishOne(items[0]!)];
       } catch (err) {
-        // A gateway without batch publish reads no `channel` and refuses the
-        // whole body (so nothing was published): fall back, and remember.
-        if (!(err instanceof PublishError) || err.code !== "bad_request" || this.batching === true) throw err;
-        this.batching = false;
+        if (err instanceof PublishError && err.code !== "unavailable") return [err];
+        throw err;
       }
     }
-    const out: Array<PublishResult | PublishError> = [];
-    for (const item of items) {
-      try {
-        out.push(await this.publishOne(item));
-      } catch (err) {
-        if (!(err instanceof PublishError) || err.code === "unavailable") throw err;
-        out.push(err);
-      }
+    const reply = await this.post<{ results?: BatchReply }>("/api/v1/publish", {
+      publications: items.map(wireItem),
+    });
+    if (!Array.isArray(reply.results) || reply.results.length !== items.length) {
+      throw new PublishError("internal", "the batch answer does not match the request");
     }
-    return out;
+    return reply.results.map((r) => ("error" in r ? new PublishError(r.error, r.message) : r));
   }
 
   /** One publication, one request; its key goes in the `Idempotency-Key` header. */
