@@ -95,7 +95,6 @@ class FeedOptions:
     mapping: JobsMapping = dataclasses.field(default_factory=JobsMapping)
     batch: int = 500
     poll_interval: float = 1.0
-    concurrency: int = 32  # channels published at once
     backoff_max: float = 10.0
 
 
@@ -197,16 +196,15 @@ class PostgresFeed:
                 mapped.append((row, self.options.mapping.map(row)))
             except Unmappable as exc:
                 self._bad(outcome, row, exc.reason)
-        groups = in_channel_order(mapped)
-        limit = asyncio.Semaphore(self.options.concurrency)
 
         async def publish_group(group: list[Mapped]) -> None:
-            async with limit:
-                for row, update in group:
-                    if not await self._publish(outcome, row, update):
-                        return  # retry later; nothing of this channel overtakes it
+            for row, update in group:
+                if not await self._publish(outcome, row, update):
+                    return  # retry later; nothing of this channel overtakes it
 
-        await asyncio.gather(*(publish_group(g) for g in groups))
+        # Every channel at once (bounded by --batch): the publisher batches
+        # concurrent publishes into one request per round trip.
+        await asyncio.gather(*(publish_group(g) for g in in_channel_order(mapped)))
         if outcome.done or outcome.dead:
             async with conn.transaction():
                 for row_id, reason in outcome.dead:
