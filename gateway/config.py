@@ -48,6 +48,7 @@ KNOWN_ENVS = frozenset({"development", "dev", "production", "prod"})
 _POSITIVE = (
     "redis_timeout",
     "redis_stall_seconds",
+    "idempotency_ttl",
     "auth_timeout",
     "max_frame_bytes",
     "max_json_depth",
@@ -120,6 +121,8 @@ class Settings:
     # Seconds a client may take to send its HTTP request headers (slowloris guard).
     handshake_timeout: float = 10.0
     max_publish_bytes: int = 262144
+    # Seconds an applied Idempotency-Key is remembered per channel (a retry within it is a no-op).
+    idempotency_ttl: float = 600.0
     # Outgoing buffer per connection: past either bound the client is closed (4008).
     send_buffer_bytes: int = 4 * 1024 * 1024
     send_buffer_messages: int = 10000

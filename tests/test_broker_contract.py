@@ -166,6 +166,24 @@ async def test_only_subscribed_channels_are_fanned_in(engine):
     assert broker.messages_in == 1
 
 
+async def test_an_idempotency_key_applies_once_per_channel(engine):
+    broker, rec = engine
+    await broker.subscribe(["user:k"])
+    first = await broker.publish(USER, "user:k", "note", {"n": 1}, idempotency_key="op-1")
+    again = await broker.publish(USER, "user:k", "note", {"n": 1}, idempotency_key="op-1")
+    assert not first.duplicate and again.duplicate
+    assert (again.epoch, again.offset) == (first.epoch, first.offset)
+    other = await broker.publish(USER, "user:k", "note", {"n": 2}, idempotency_key="op-2")
+    elsewhere = await broker.publish(USER, "user:j", "note", {}, idempotency_key="op-1")
+    assert other.offset == 2 and not other.duplicate
+    assert elsewhere.offset == 1 and not elsewhere.duplicate  # keys are per channel
+    await rec.wait_for(2)
+    await asyncio.sleep(0.1)
+    assert [p.data for p in rec.pubs] == [{"n": 1}, {"n": 2}]  # the duplicate went nowhere
+    hist = await broker.history(USER, "user:k", 0, 10)
+    assert [p.offset for p in hist.publications] == [1, 2]
+
+
 async def test_the_memory_engine_holds_a_bounded_number_of_channels():
     """Reads create channels, so a flood of made-up names must not grow it for ever."""
     broker = MemoryBroker(max_channels=50)

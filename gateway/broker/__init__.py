@@ -18,10 +18,11 @@ def create_broker(settings: Settings) -> Broker:
             timeout=settings.redis_timeout,
             stall_seconds=settings.redis_stall_seconds,
             audit_seconds=settings.redis_audit_seconds,
+            idempotency_ttl=settings.idempotency_ttl,
         )
     from gateway.broker.memory import MemoryBroker
 
-    return MemoryBroker()
+    return MemoryBroker(idempotency_ttl=settings.idempotency_ttl)
 
 
 def create_presence(settings: Settings) -> Presence:

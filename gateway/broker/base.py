@@ -41,6 +41,7 @@ class PublishItem:
     data: Any
     owner: str | None = None
     meta: dict[str, str] | None = None
+    idempotency_key: str | None = None
 
 
 class Broker(abc.ABC):
@@ -94,11 +95,15 @@ class Broker(abc.ABC):
         *,
         owner: str | None = None,
         meta: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Publication:
         """Append atomically: next offset, history, state, owner check, fan-in.
 
         Raises `ProtocolError("forbidden")` when `owner` differs from the
-        recorded owner of a job channel.
+        recorded owner of a job channel. With `idempotency_key`, a key this
+        channel already applied within the engine's dedupe window publishes
+        nothing and returns the original position with `duplicate=True`; the
+        check and the append are one atomic step.
         """
 
     async def publish_many(
@@ -115,7 +120,8 @@ class Broker(abc.ABC):
         for it in items:
             try:
                 results.append(await self.publish(
-                    it.namespace, it.channel, it.event, it.data, owner=it.owner, meta=it.meta
+                    it.namespace, it.channel, it.event, it.data, owner=it.owner, meta=it.meta,
+                    idempotency_key=it.idempotency_key,
                 ))
             except (ProtocolError, BrokerUnavailable) as exc:
                 results.append(exc)

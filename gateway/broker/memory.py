@@ -9,7 +9,7 @@ back with a new epoch), job owners are recorded once.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,9 @@ OWNER_TTL = 7 * 86400.0
 MAX_CHANNELS = 100_000
 # How far past the oldest channels eviction looks for one nobody watches.
 EVICTION_SCAN = 100
+IDEMPOTENCY_TTL = 600.0
+# Idempotency keys held at most; past it the oldest go first (counted).
+MAX_IDEMPOTENCY_KEYS = 100_000
 
 
 @dataclass(slots=True)
@@ -35,10 +38,22 @@ class _Stream:
 
 
 class MemoryBroker(Broker):
-    def __init__(self, clock: Any = time.time, max_channels: int = MAX_CHANNELS) -> None:
+    def __init__(
+        self,
+        clock: Any = time.time,
+        max_channels: int = MAX_CHANNELS,
+        *,
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
+        max_idempotency_keys: int = MAX_IDEMPOTENCY_KEYS,
+    ) -> None:
         super().__init__()
         self._clock = clock
         self._max_channels = max_channels
+        self._idempotency_ttl = idempotency_ttl
+        self._max_keys = max_idempotency_keys
+        # (channel, key) -> (epoch, offset, expires), oldest first.
+        self._applied: OrderedDict[tuple[str, str], tuple[str, int, float]] = OrderedDict()
+        self.keys_evicted = 0
         # Oldest first (insertion order), for eviction past the bound.
         self._streams: dict[str, _Stream] = {}
         self.evicted = 0
@@ -87,6 +102,9 @@ class MemoryBroker(Broker):
             del self._streams[channel]
         for channel in [c for c, (_, exp) in self._owners.items() if exp <= now]:
             del self._owners[channel]
+        applied = self._applied
+        while applied and next(iter(applied.values()))[2] <= now:
+            applied.popitem(last=False)
 
     def _trim(self, namespace: Namespace, stream: _Stream, now: float) -> None:
         history = stream.history
@@ -105,13 +123,22 @@ class MemoryBroker(Broker):
         *,
         owner: str | None = None,
         meta: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Publication:
         now = self._clock()
         self._sweep(now)
+        if idempotency_key is not None:
+            seen = self._applied.get((channel, idempotency_key))
+            if seen is not None and seen[2] > now:
+                return Publication(
+                    channel, event, data, seen[0], seen[1], now, meta or {}, duplicate=True
+                )
         if owner is not None:
             self._record_owner(channel, owner, now)
         stream = self._stream(namespace, channel, now)
         stream.offset += 1
+        if idempotency_key is not None:
+            self._remember(channel, idempotency_key, stream.epoch, stream.offset, now)
         stream.expires = now + namespace.history_ttl
         pub = Publication(channel, event, data, stream.epoch, stream.offset, now, meta or {})
         if namespace.history_size > 0:
@@ -123,6 +150,13 @@ class MemoryBroker(Broker):
             self.messages_in += 1
             self._on_publication(pub)
         return pub
+
+    def _remember(self, channel: str, key: str, epoch: str, offset: int, now: float) -> None:
+        """Keep an applied key for the dedupe window (expiring in order: one TTL for all)."""
+        self._applied[(channel, key)] = (epoch, offset, now + self._idempotency_ttl)
+        if len(self._applied) > self._max_keys:
+            self._applied.popitem(last=False)
+            self.keys_evicted += 1
 
     async def subscribe(self, channels: list[str]) -> None:
         self._subscribed.update(channels)

@@ -44,7 +44,7 @@ from gateway.broker.base import Broker, PublishItem
 from gateway.broker.redis_pipe import ScriptPipe, bulk
 from gateway.broker.redis_scripts import PUBLISH, READ, Keys
 from gateway.broker.subscriptions import Released, SubscriptionTable
-from gateway.cluster.connect import COMMAND_TIMEOUT, connect
+from gateway.cluster.connect import COMMAND_TIMEOUT, connect, unavailable
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.protocol.publication import History, Publication, Snapshot, new_epoch
@@ -58,16 +58,22 @@ BACKOFF_CAP = 5.0
 # this long it is stalled (not ready), for three times this long it is dropped.
 STALL_SECONDS = 3.0
 AUDIT_SECONDS = 30.0
+IDEMPOTENCY_TTL = 600.0
 READ_CHUNK = 256 * 1024
 # Channels whose constant publish-script arguments are kept encoded (cleared when full).
 PARTS_CACHE = 10_000
-_PUBLISH_ARGS = 4 + 12  # keys + ARGV of PUBLISH
+_PUBLISH_KEYS = 5
+_PUBLISH_ARGS = _PUBLISH_KEYS + 13  # keys + ARGV of PUBLISH
 _OWNER_TTL = bulk(OWNER_TTL)
+_NO_KEY_TTL = bulk(0)
 # The publish script's keys and arguments in one formatting step (the hot
-# path of every publish): head (keys, pubsub, channel), event, data, time,
-# meta, middle (history size, ttl, state flag), owner, owner ttl, epoch.
+# path of every publish): head (four keys), the idempotency key, channel
+# (pubsub, channel json), event, data, time, meta, middle (history size, ttl,
+# state flag), owner, owner ttl, epoch, idempotency ttl.
 _BULK = b"$%d\r\n%b\r\n"
-_PUBLISH_ARGV = b"%b" + _BULK * 4 + b"%b" + _BULK + b"%b" + _BULK
+_PUBLISH_ARGV = (
+    b"%b" + _BULK + b"%b" + _BULK * 4 + b"%b" + _BULK + b"%b" + _BULK + b"%b"
+)
 
 
 def _text(value: Any) -> str:
@@ -97,6 +103,7 @@ class RedisBroker(Broker):
         timeout: float = COMMAND_TIMEOUT,
         stall_seconds: float = STALL_SECONDS,
         audit_seconds: float = AUDIT_SECONDS,
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
     ) -> None:
         super().__init__()
         self.url = url
@@ -104,9 +111,10 @@ class RedisBroker(Broker):
         self.timeout = timeout
         self.stall_seconds = stall_seconds
         self.audit_seconds = audit_seconds
+        self._idem_ttl = bulk(max(1, int(idempotency_ttl)))
         self.client = connect(url, timeout)
-        self._publish = ScriptPipe(self.client, PUBLISH, 4, timeout)
-        self._parts: dict[str, tuple[Namespace, bytes, bytes]] = {}
+        self._publish = ScriptPipe(self.client, PUBLISH, _PUBLISH_KEYS, timeout)
+        self._parts: dict[str, tuple[Namespace, bytes, bytes, bytes, str]] = {}
         self._read = self.client.register_script(READ)
         # Channels the hub wants, and their pub/sub state.
         self._subs = SubscriptionTable()
@@ -160,7 +168,7 @@ class RedisBroker(Broker):
         try:
             return await awaitable
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise BrokerUnavailable(str(exc) or type(exc).__name__) from None
+            raise unavailable(exc) from None
 
     async def publish(
         self,
@@ -171,9 +179,10 @@ class RedisBroker(Broker):
         *,
         owner: str | None = None,
         meta: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Publication:
         # Batched with every other publish of this loop turn (see ScriptPipe).
-        item = PublishItem(namespace, channel, event, data, owner, meta)
+        item = PublishItem(namespace, channel, event, data, owner, meta, idempotency_key)
         now, reply = self._submit(item)
         return self._publication(item, now, await reply)
 
@@ -193,7 +202,10 @@ class RedisBroker(Broker):
     def _submit(self, item: PublishItem) -> tuple[float, asyncio.Future[Any]]:
         """Queue one call of the publish script; returns its time and its reply."""
         now = time.time()
-        head, middle = self._script_parts(item.namespace, item.channel)
+        head, where, middle, idem_prefix = self._script_parts(item.namespace, item.channel)
+        key = item.idempotency_key
+        idem = (idem_prefix + key if key is not None else idem_prefix).encode()
+        idem_ttl = self._idem_ttl if key is not None else _NO_KEY_TTL
         event = _json_str(item.event).encode()
         data = orjson.dumps(item.data)
         stamp = repr(now).encode()
@@ -201,30 +213,34 @@ class RedisBroker(Broker):
         owner = item.owner.encode() if item.owner else b""
         epoch = new_epoch().encode()
         args = _PUBLISH_ARGV % (
-            head, len(event), event, len(data), data, len(stamp), stamp, len(meta), meta,
-            middle, len(owner), owner, _OWNER_TTL, len(epoch), epoch,
+            head, len(idem), idem, where, len(event), event, len(data), data, len(stamp), stamp,
+            len(meta), meta, middle, len(owner), owner, _OWNER_TTL, len(epoch), epoch, idem_ttl,
         )
         return now, self._publish.submit(_PUBLISH_ARGS, args)
 
-    def _script_parts(self, namespace: Namespace, channel: str) -> tuple[bytes, bytes]:
+    def _script_parts(
+        self, namespace: Namespace, channel: str
+    ) -> tuple[bytes, bytes, bytes, str]:
         """The publish script's keys and arguments that are the same for every
-        publication of a channel, encoded once (see PUBLISH for their order)."""
+        publication of a channel, encoded once (see PUBLISH for their order),
+        and the prefix of its idempotency keys."""
         cached = self._parts.get(channel)
         if cached is not None and cached[0] is namespace:
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3], cached[4]
         k = self.keys
         head = b"".join(bulk(v) for v in (
             k.meta(channel), k.stream(channel), k.state(channel), k.owner(channel),
-            k.pubsub(channel), _json_str(channel),
         ))
+        where = bulk(k.pubsub(channel)) + bulk(_json_str(channel))
         middle = b"".join(bulk(v) for v in (
             namespace.history_size, max(1, int(namespace.history_ttl)),
             "1" if namespace.state else "0",
         ))
         if len(self._parts) >= PARTS_CACHE:
             self._parts.clear()
-        self._parts[channel] = (namespace, head, middle)
-        return head, middle
+        idem_prefix = k.idempotency(channel, "")
+        self._parts[channel] = (namespace, head, where, middle, idem_prefix)
+        return head, where, middle, idem_prefix
 
     @staticmethod
     def _publication(item: PublishItem, now: float, reply: Any) -> Publication:
@@ -232,6 +248,12 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"publish script failed: {reply}")
         if reply[0] == b"forbidden":
             raise ProtocolError("forbidden", f"{item.channel} belongs to another owner")
+        if reply[0] == b"duplicate":
+            epoch, _, offset = reply[1].decode().rpartition(":")
+            return Publication(
+                item.channel, item.event, item.data, epoch, int(offset), now, item.meta or {},
+                duplicate=True,
+            )
         return Publication(
             item.channel, item.event, item.data, reply[0].decode(), int(reply[1]), now,
             item.meta or {},

@@ -25,7 +25,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from gateway.broker.batching import Batcher
-from gateway.protocol.errors import BrokerUnavailable
+from gateway.cluster.connect import unavailable
 
 MAX_BATCH = 1000
 MAX_BATCH_BYTES = 1024 * 1024
@@ -91,7 +91,7 @@ class ScriptPipe:
             # Outcome unknown for the whole batch: the caller retries (with its
             # idempotency key) or reports `unavailable`.
             await self._drop()
-            raise BrokerUnavailable(str(exc) or type(exc).__name__) from None
+            raise unavailable(exc) from None
 
     async def _roundtrip(self, commands: list[bytes]) -> list[Any]:
         conn = self._conn

@@ -8,6 +8,8 @@ so on Redis Cluster one script touches one slot:
                                 field `r` = the encoded record  (capped, TTL)
     {prefix}{<channel>}:state   hash   event -> latest data     (state namespaces)
     {prefix}{<channel>}:owner   string the job's owner          (7 days)
+    {prefix}{<channel>}:idem:<key>  string `epoch:offset` of the publish that
+                                applied idempotency key <key>   (dedupe window)
     {prefix}pub:<channel>       pub/sub channel carrying the records
 
 The record is built inside the script by concatenation, never by decoding
@@ -35,6 +37,9 @@ class Keys:
     def owner(self, channel: str) -> str:
         return f"{self.prefix}{{{channel}}}:owner"
 
+    def idempotency(self, channel: str, key: str) -> str:
+        return f"{self.prefix}{{{channel}}}:idem:{key}"
+
     def pubsub(self, channel: str) -> str:
         return f"{self.prefix}pub:{channel}"
 
@@ -58,12 +63,22 @@ local function current_epoch(meta, stream, state, candidate, ttl)
 end
 """
 
-# KEYS: meta, stream, state, owner
+# KEYS: meta, stream, state, owner, idempotency key (`...:idem:` when none)
 # ARGV: pubsub channel, channel json, event json, data json, time, meta json,
-#       history size, ttl, state flag, owner ('' = none), owner ttl, epoch candidate
+#       history size, ttl, state flag, owner ('' = none), owner ttl, epoch candidate,
+#       idempotency ttl (0 = no key)
+# -> {epoch, offset} | {'forbidden', owner} | {'duplicate', 'epoch:offset'}
+# (Called with 4 keys and 12 arguments, it publishes without a key, as before.)
 PUBLISH = (
     _EPOCH
     + """
+local idem_ttl = tonumber(ARGV[13] or '0')
+if idem_ttl > 0 then
+  local applied = redis.call('GET', KEYS[5])
+  if applied then
+    return {'duplicate', applied}
+  end
+end
 local owner = ARGV[10]
 if owner ~= '' then
   local recorded = redis.call('GET', KEYS[4])
@@ -88,6 +103,9 @@ if ARGV[9] == '1' then
   redis.call('EXPIRE', KEYS[3], ttl)
 end
 redis.call('PUBLISH', ARGV[1], record)
+if idem_ttl > 0 then
+  redis.call('SET', KEYS[5], epoch .. ':' .. offset, 'EX', idem_ttl)
+end
 return {epoch, offset}
 """
 )

@@ -7,9 +7,15 @@ the operator reach Redis the same way.
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import parse_qs, unquote, urlparse
 
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.protocol.errors import BrokerUnavailable
+
+log = logging.getLogger("herald.redis")
 
 COMMAND_TIMEOUT = 5.0
 POOL_SIZE = 64
@@ -58,3 +64,17 @@ def connect(url: str, timeout: float = COMMAND_TIMEOUT) -> aioredis.Redis:
         socket_connect_timeout=timeout,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def unavailable(exc: BaseException) -> BrokerUnavailable:
+    """The `BrokerUnavailable` a Redis failure becomes, without Redis's address.
+
+    redis-py's messages name the host and port ("Timeout reading from
+    10.0.3.7:6379"); they reach clients and publishers as the `unavailable`
+    message, and the internal address is none of their business. The
+    detail goes to this process's log instead.
+    """
+    log.debug("redis call failed: %s: %s", type(exc).__name__, exc)
+    if isinstance(exc, RedisTimeoutError | TimeoutError):
+        return BrokerUnavailable("redis did not answer in time")
+    return BrokerUnavailable("redis is unreachable")

@@ -19,11 +19,10 @@ import orjson
 from redis.exceptions import RedisError
 
 from gateway.cluster import control
-from gateway.cluster.connect import connect
+from gateway.cluster.connect import connect, unavailable
 from gateway.cluster.directory import ControlHandler, Directory
 from gateway.cluster.keys import RegistryKeys
 from gateway.cluster.record import TTL, NodeRecord
-from gateway.protocol.errors import BrokerUnavailable
 
 log = logging.getLogger("herald.cluster")
 
@@ -43,7 +42,7 @@ class RedisDirectory(Directory):
         try:
             return await awaitable
         except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from None
+            raise unavailable(exc) from None
 
     async def write(self, record: NodeRecord, ttl: float = TTL) -> None:
         k = self.keys

@@ -395,7 +395,10 @@ class Node:
             publishing.publish(self.broker, self.namespaces, req, meta, trace=tracing.enabled)
         )
         self.metrics.publish_latency.observe(time.perf_counter() - started)
-        self.metrics.publications.inc()
+        if pub.duplicate:
+            self.metrics.duplicates.inc()
+        else:
+            self.metrics.publications.inc()
         return pub
 
     async def publish_many(
@@ -419,6 +422,8 @@ class Node:
                 res = ProtocolError("unavailable", f"broker unavailable: {res}")
             if isinstance(res, ProtocolError):
                 self.metrics.errors.labels(res.code).inc()
+            elif res.duplicate:
+                self.metrics.duplicates.inc()
             else:
                 self.metrics.publications.inc()
             out.append(res)

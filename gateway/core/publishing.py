@@ -8,6 +8,7 @@ worker next to Redis.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from gateway.telemetry import tracing
 EVENT_MAX = 64
 # Publications in one batch (`POST /api/v1/publish` with `publications`, `publish_many`).
 MAX_BATCH = 1000
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,18 +33,41 @@ class PublishRequest:
     event: str
     data: Any
     owner: str | None = None
+    # A retry with the same key within the dedupe window publishes nothing
+    # and answers the original position (PROTOCOL.md, idempotent publishing).
+    idempotency_key: str | None = None
 
     @classmethod
-    def parse(cls, body: Any, max_bytes: int) -> PublishRequest:
+    def parse(cls, body: Any, max_bytes: int, idempotency_key: str | None = None) -> PublishRequest:
+        """A request from a JSON body; `idempotency_key` is the header's, if any.
+
+        The key may come as the `Idempotency-Key` header or the body field
+        `idempotency_key`; both at once must agree.
+        """
         if not isinstance(body, dict):
             raise ProtocolError("bad_request", "body must be a JSON object")
         channel = validate_channel(body.get("channel"))
+        key = parse_idempotency_key(body.get("idempotency_key"))
+        header = parse_idempotency_key(idempotency_key)
+        if key is not None and header is not None and key != header:
+            raise ProtocolError("bad_request", "Idempotency-Key and idempotency_key differ")
         return cls(
             channel,
             parse_event(body.get("event", "message")),
             check_data(body.get("data"), max_bytes),
             parse_owner(body.get("owner")),
+            key or header,
         )
+
+
+def parse_idempotency_key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ProtocolError(
+            "bad_request", "idempotency key must be 1-128 characters of A-Z a-z 0-9 _ . : -"
+        )
+    return key
 
 
 def parse_batch(
@@ -185,7 +210,9 @@ def _item(
     if req.owner is not None and namespace.access is not Access.OWNER:
         # Recorded anyway, it would make a later publish with another owner `forbidden`.
         raise ProtocolError("bad_request", f"owner applies to job channels, not {req.channel}")
-    return PublishItem(namespace, req.channel, req.event, req.data, req.owner, meta)
+    return PublishItem(
+        namespace, req.channel, req.event, req.data, req.owner, meta, req.idempotency_key
+    )
 
 
 async def _publish(
@@ -196,8 +223,11 @@ async def _publish(
 ) -> Publication:
     it = _item(namespaces, req, meta)
     pub = await broker.publish(
-        it.namespace, it.channel, it.event, it.data, owner=it.owner, meta=it.meta
+        it.namespace, it.channel, it.event, it.data, owner=it.owner, meta=it.meta,
+        idempotency_key=it.idempotency_key,
     )
+    # A duplicate still notifies: the first attempt may have failed between
+    # the two publishes, and the notification's own key makes it exactly once.
     if req.channel.startswith("job:"):
         await _notify_if_terminal(broker, namespaces, req, pub, meta)
     return pub
@@ -237,4 +267,7 @@ async def notify_owner(
         "message": message,
         "offset": pub.offset,
     }
-    await broker.publish(namespaces.of(channel), channel, "notification", data, meta=meta)
+    key = f"{req.idempotency_key}:notify" if req.idempotency_key else None
+    await broker.publish(
+        namespaces.of(channel), channel, "notification", data, meta=meta, idempotency_key=key
+    )

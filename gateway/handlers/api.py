@@ -22,7 +22,10 @@ MAX_HISTORY_LIMIT = 1000
 
 
 def position(pub: Publication) -> dict[str, Any]:
-    return {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
+    reply: dict[str, Any] = {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
+    if pub.duplicate:
+        reply["duplicate"] = True
+    return reply
 
 
 class PublishHandler(JsonHandler):
@@ -38,7 +41,12 @@ class PublishHandler(JsonHandler):
         self.require_api_key()
         body = self.json_body()
         max_bytes = self.node.settings.max_publish_bytes
+        key = self.request.headers.get("Idempotency-Key")
         if isinstance(body, dict) and "publications" in body:
+            if key is not None:
+                raise ProtocolError(
+                    "bad_request", "a batch takes an idempotency_key per item, not the header"
+                )
             results = await self.node.publish_many(parse_batch(body["publications"], max_bytes))
             self.write_json({"results": [
                 position(r) if isinstance(r, Publication)
@@ -46,7 +54,7 @@ class PublishHandler(JsonHandler):
                 for r in results
             ]})
             return
-        pub = await self.node.publish(PublishRequest.parse(body, max_bytes))
+        pub = await self.node.publish(PublishRequest.parse(body, max_bytes, key))
         self.write_json(position(pub))
 
 

@@ -38,6 +38,9 @@ class Publication:
     offset: int
     time: float
     meta: dict[str, str] = field(default_factory=dict)
+    # True when an idempotency key matched an earlier publish: this is that
+    # publish's position, and nothing was published now (never dispatched).
+    duplicate: bool = False
     _json: bytes | None = None
     _ws: bytes | None = None
     _sse: bytes | None = None

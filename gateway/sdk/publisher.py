@@ -11,7 +11,9 @@ implement `publish` and `register_job`.
 
 Every failure raises `PublishError` carrying the protocol's error code
 (`forbidden`, `message_too_large`, `unavailable`...), so callers branch on
-codes, not on transport details.
+codes, not on transport details. `unavailable` means the outcome is
+unknown (the publish may have been applied): retry it with the same
+`idempotency_key=` and it is published at most once.
 
 Both publishers start or continue the caller's current OpenTelemetry trace
 (when the application configured an SDK): `HttpPublisher` sends it as a W3C
@@ -26,12 +28,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from gateway.telemetry import tracing
+
+if TYPE_CHECKING:
+    from gateway.protocol.publication import Publication
 
 __all__ = ["HttpPublisher", "PublishError", "Publisher", "RedisPublisher"]
 
@@ -317,11 +322,12 @@ class RedisPublisher(Publisher):
         prefix: str = "herald:",
         namespaces: str = "",
         max_publish_bytes: int = 262144,
+        idempotency_ttl: float = 600.0,
     ) -> None:
         from gateway.broker.redis import RedisBroker
         from gateway.protocol.channels import Namespaces
 
-        self._broker = RedisBroker(redis_url, prefix=prefix)
+        self._broker = RedisBroker(redis_url, prefix=prefix, idempotency_ttl=idempotency_ttl)
         self._namespaces = Namespaces.from_config(namespaces)
         self._max_bytes = max_publish_bytes
 
@@ -338,6 +344,7 @@ class RedisPublisher(Publisher):
             prefix=settings.redis_prefix,
             namespaces=settings.namespaces,
             max_publish_bytes=settings.max_publish_bytes,
+            idempotency_ttl=settings.idempotency_ttl,
         )
 
     async def publish(
@@ -346,14 +353,12 @@ class RedisPublisher(Publisher):
     ) -> dict[str, Any]:
         from gateway.core import publishing
 
-        if idempotency_key is not None:
-            # Deduplication happens in the gateway's publish; this path has none yet.
-            raise PublishError("bad_request", "idempotency keys need HttpPublisher for now")
-        body = {"channel": channel, "event": event, "data": data, "owner": owner}
+        body = {"channel": channel, "event": event, "data": data, "owner": owner,
+                "idempotency_key": idempotency_key}
         async with self._errors():
             req = publishing.PublishRequest.parse(body, self._max_bytes)
             pub = await publishing.publish(self._broker, self._namespaces, req, trace=True)
-        return {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
+        return _position(pub)
 
     async def publish_many(
         self, items: Iterable[Mapping[str, Any]]
@@ -376,7 +381,7 @@ class RedisPublisher(Publisher):
             elif isinstance(res, BrokerUnavailable):
                 out.append(PublishError("unavailable", f"redis unavailable: {res}"))
             else:
-                out.append({"channel": res.channel, "epoch": res.epoch, "offset": res.offset})
+                out.append(_position(res))
         return out
 
     async def register_job(self, job_id: str, owner: str) -> None:
@@ -400,3 +405,11 @@ class RedisPublisher(Publisher):
             raise PublishError("unavailable", f"redis unavailable: {exc}") from None
         except TypeError as exc:
             raise PublishError("bad_request", f"data is not JSON-serialisable: {exc}") from None
+
+
+def _position(pub: Publication) -> dict[str, Any]:
+    """A publication's answer, as the HTTP API gives it (`duplicate` for a repeated key)."""
+    reply: dict[str, Any] = {"channel": pub.channel, "epoch": pub.epoch, "offset": pub.offset}
+    if pub.duplicate:
+        reply["duplicate"] = True
+    return reply

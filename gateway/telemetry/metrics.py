@@ -53,6 +53,11 @@ class Metrics:
         self.publications = Counter(
             "herald_publications_total", "Publications accepted by this node", registry=r
         )
+        self.duplicates = Counter(
+            "herald_publications_duplicate_total",
+            "Publishes whose Idempotency-Key was already applied (answered, nothing published)",
+            registry=r,
+        )
         self.errors = Counter(
             "herald_errors_total", "Error replies sent, by code", ["code"], registry=r
         )
