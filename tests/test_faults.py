@@ -13,6 +13,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from gateway.sdk.publisher import RedisPublisher
 from tests.conftest import token
 from tests.support import http, publish
 
@@ -157,3 +158,37 @@ async def test_the_audit_repairs_a_subscription_redis_lost_and_closes_the_gap(
     assert await numsub(redis_url, "public:drift") == 1
     drift = gw.node.metrics.registry.get_sample_value("herald_broker_subscription_drift_total")
     assert drift == 1
+
+
+# -- issue 16 item 4: the new epoch after a Redis restart ---------------------------------
+
+
+async def test_after_a_redis_restart_the_new_epoch_is_delivered_not_only_a_snapshot(
+    redis_process, redis_url, fault_proxy, make_gateway, ws_client
+):
+    """Redis restarts empty; publications are acknowledged in the new epoch before
+    the gateway is back. Its subscribers are told (`recovered: false`) and then
+    get every one of them, from offset 1, instead of a snapshot that hides them."""
+    gw = await make_gateway(redis_url=fault_proxy.url, redis_timeout=1.0)
+    client = await ws_client(gw, token("dee"))
+    sub = await client.request({"type": "subscribe", "id": 1, "channel": "public:r"})
+    await publish(gw, "public:r", "note", {"n": 0})
+    assert (await client.expect("message"))["epoch"] == sub["epoch"]
+    fault_proxy.stall()  # the gateway is held off while Redis restarts and takes publishes
+    redis_process.stop()
+    redis_process.start()
+    async with RedisPublisher(redis_url) as pub:
+        acked = [await pub.publish("public:r", "note", {"n": n}) for n in (1, 2, 3)]
+    assert [a["offset"] for a in acked] == [1, 2, 3]
+    fault_proxy.heal()
+    reset = await client.expect("subscribed", 30)
+    while reset["channel"] != "public:r":  # its own user: channel is reset too
+        reset = await client.expect("subscribed", 30)
+    assert reset["recovered"] is False and reset["epoch"] == acked[0]["epoch"] != sub["epoch"]
+    assert reset["offset"] == 0
+    got = [await client.expect("message", 10) for _ in range(3)]
+    assert [(m["epoch"], m["offset"], m["data"]) for m in got] == [
+        (acked[0]["epoch"], n, {"n": n}) for n in (1, 2, 3)
+    ]
+    assert gw.node.metrics.registry.get_sample_value(
+        "herald_recoveries_total", {"recovered": "false"}) >= 1

@@ -131,15 +131,39 @@ async def test_history_reaching_exactly_back_recovers(make_gateway, ws_client):
     assert await offsets_until(client, 10) == [8, 9, 10]
 
 
-async def test_wrong_epoch_gives_recovered_false_with_state(gateway, ws_client):
+async def test_a_new_epoch_with_its_whole_history_is_replayed_from_offset_1(
+    gateway, ws_client
+):
+    """Another epoch (Redis restarted), whose history still holds offset 1: the
+    epoch change is reported, and every publication of the new epoch follows,
+    instead of a snapshot that would hide them (issue 16: ~300 lost per run)."""
     await register_job(gateway, "u3", "alice")
-    pos = await progress(gateway, "u3", 7)
+    for n in (7, 8):
+        pos = await progress(gateway, "u3", n)
     client = await ws_client(gateway, token("alice"))
-    since = {"epoch": "an-old-epoch", "offset": 0}
+    since = {"epoch": "an-old-epoch", "offset": 5}
     sub = await client.request({"type": "subscribe", "channel": "job:u3", "since": since})
     assert sub["recovered"] is False
-    assert (sub["epoch"], sub["offset"]) == (pos["epoch"], 1)
-    assert sub["state"]["progress"]["progress"] == 7
+    assert (sub["epoch"], sub["offset"], sub["state"]) == (pos["epoch"], 0, {})
+    replayed = [await client.expect("message") for _ in range(2)]
+    assert [(m["offset"], m["data"]["progress"]) for m in replayed] == [(1, 7), (2, 8)]
+    await progress(gateway, "u3", 9)
+    assert (await client.expect("message"))["offset"] == 3  # then live, nothing twice
+
+
+async def test_a_new_epoch_whose_history_was_trimmed_gives_the_state(make_gateway, ws_client):
+    gw = await make_gateway(namespaces=json.dumps({"job": {"history_size": 2}}))
+    await register_job(gw, "u6", "alice")
+    for n in range(1, 4):
+        pos = await progress(gw, "u6", n)
+    client = await ws_client(gw, token("alice"))
+    since = {"epoch": "an-old-epoch", "offset": 0}
+    sub = await client.request({"type": "subscribe", "channel": "job:u6", "since": since})
+    assert sub["recovered"] is False
+    assert (sub["epoch"], sub["offset"]) == (pos["epoch"], 3)
+    assert sub["state"]["progress"]["progress"] == 3
+    await progress(gw, "u6", 4)
+    assert (await client.expect("message"))["offset"] == 4  # no replay: live from the state
 
 
 async def test_since_ahead_of_the_channel_is_not_recovered(gateway, ws_client):

@@ -91,16 +91,36 @@ async def test_since_per_channel_resumes_every_channel(gateway):
     await stream.close()
 
 
-async def test_unknown_epoch_gets_recovered_false_and_the_state(gateway):
+async def test_unknown_epoch_gets_recovered_false_and_the_new_epoch(gateway):
     await register_job(gateway, "j1", "alice")
-    await publish(gateway, "job:j1", "progress", {"progress": 40})
+    pos = await publish(gateway, "job:j1", "progress", {"progress": 40})
     stream = await open_stream(
         gateway, "channel=job:j1", {**bearer(), "Last-Event-ID": "job:j1|gone|7"}
     )
     sub = await stream.expect("subscribed")
     assert sub.data["recovered"] is False
-    assert sub.data["state"] == {"progress": {"progress": 40}}
-    assert sub.data["offset"] == 1
+    assert (sub.data["offset"], sub.data["state"]) == (0, {})  # the epoch's start...
+    assert sub.id == f"job:j1|{pos['epoch']}|0"
+    message = await stream.expect("message")  # ...and all of it, since it is complete
+    assert (message.data["offset"], message.data["data"]) == (1, {"progress": 40})
+    await stream.close()
+
+
+async def test_the_subscribed_event_id_is_the_position_before_the_replay(gateway):
+    """A stream cut during the replay must resume from where the replay stood, not
+    from the channel's latest offset (which would skip the rest of the replay)."""
+    await register_job(gateway, "j2", "alice")
+    for n in range(1, 5):
+        pos = await publish(gateway, "job:j2", "progress", {"n": n})
+    stream = await open_stream(
+        gateway, "channel=job:j2", {**bearer(), "Last-Event-ID": f"job:j2|{pos['epoch']}|1"}
+    )
+    sub = await stream.expect("subscribed")
+    assert sub.data["recovered"] is True and sub.data["offset"] == 4
+    assert sub.id == f"job:j2|{pos['epoch']}|1"
+    assert [(await stream.expect("message")).id for _ in range(3)] == [
+        f"job:j2|{pos['epoch']}|{n}" for n in (2, 3, 4)
+    ]
     await stream.close()
 
 

@@ -326,7 +326,7 @@ class Node:
             await self.presence.subscribed(session, ns, channel, join_leave)
             if channel not in session.subscriptions:  # closed or unsubscribed meanwhile
                 await self.presence.unsubscribed(session, channel)
-        session.send_json(reply)
+        session.send_subscribed(reply, found.start)
         for pub in found.publications:
             # A re-subscribe on the same connection skips what it already wrote live.
             if not session.already_sent(pub):

@@ -85,6 +85,11 @@ class Session(abc.ABC):
     def send_json(self, message: dict[str, Any]) -> None:
         """Send one control message (subscribed, error, pong...)."""
 
+    def send_subscribed(self, reply: dict[str, Any], start: Position) -> None:
+        """Send a subscribe's `subscribed` reply; `start` is where the client
+        stands once it has the reply and none of the replay that follows."""
+        self.send_json(reply)
+
     @abc.abstractmethod
     def close(self, code: int, reason: str) -> None:
         """Close the connection with a protocol close code."""

@@ -35,7 +35,7 @@ from gateway.handlers.base import JsonHandler
 from gateway.protocol import frames, wire
 from gateway.protocol.channels import own_channel, validate_channel
 from gateway.protocol.errors import CloseCode, ProtocolError
-from gateway.protocol.publication import Publication
+from gateway.protocol.publication import Position, Publication
 from gateway.security.auth import Claims
 
 log = logging.getLogger("herald.sse")
@@ -69,6 +69,13 @@ class SseSession(Session):
         if message.get("type") == "subscribed":
             eid = wire.sse_event_id(message["channel"], message["epoch"], message["offset"])
         self.handler.write_event(wire.sse_frame(wire.encode(message), eid))
+
+    def send_subscribed(self, reply: dict[str, Any], start: Position) -> None:
+        # The event id is what a reconnecting EventSource resumes from: the
+        # position before the replay that follows, not the channel's latest
+        # offset (a stream cut mid-replay would skip the rest of it).
+        eid = wire.sse_event_id(reply["channel"], start.epoch, start.offset)
+        self.handler.write_event(wire.sse_frame(wire.encode(reply), eid))
 
     def close(self, code: int, reason: str) -> None:
         self.handler.end_stream(code, reason)
