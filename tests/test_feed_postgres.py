@@ -122,9 +122,12 @@ class FeedProcess:
             self.proc.wait()
 
     async def metrics(self) -> dict[str, float]:
-        resp = await AsyncHTTPClient().fetch(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", raise_error=False)
         out: dict[str, float] = {}
+        try:
+            resp = await AsyncHTTPClient().fetch(
+                f"http://127.0.0.1:{self.metrics_port}/metrics", raise_error=False)
+        except OSError:
+            return out  # not listening yet
         for line in (resp.body or b"").decode().splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
@@ -319,3 +322,32 @@ def replays_only(seen: list[Any]) -> bool:
         elif value > high:
             return False  # a gap: something came before its predecessor
     return True
+
+
+async def test_one_active_feed_the_other_takes_over_and_sigterm_stops_cleanly(herald, database):
+    gw, start_feed = herald()
+    sql(database, "INSERT INTO jobs (id, user_id) VALUES ('s1', 'dave')")
+    first = start_feed()
+    await until(lambda: sql(database, "SELECT count(*) FROM herald_outbox")[0][0] == 0,
+                what="the first feed active")
+    second = start_feed()  # waits on the advisory lock: a hot standby
+    await until(second.metrics, what="the standby's metrics")
+    lock = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    await until(lambda: sql(database, waiting)[0][0] == 1, what="the standby waiting")
+    assert sql(database, lock)[0][0] == 1
+    for n in (1, 2):
+        sql(database, "UPDATE jobs SET status = 'processing', progress = %s WHERE id = 's1'", n)
+    await until(lambda: sql(database, "SELECT count(*) FROM herald_outbox")[0][0] == 0,
+                what="published by the active feed")
+    assert (await second.metrics())['herald_feed_rows_total{outcome="published"}'] == 0
+
+    assert first.proc is not None
+    first.proc.terminate()  # SIGTERM: the round finishes, the process exits 0
+    assert await asyncio.to_thread(first.proc.wait, 20) == 0
+    sql(database, "UPDATE jobs SET status = 'completed', progress = 100 WHERE id = 's1'")
+    await until(lambda: sql(database, "SELECT count(*) FROM herald_outbox")[0][0] == 0,
+                what="the standby took over")
+    assert (await second.metrics())['herald_feed_rows_total{outcome="published"}'] == 1
+    messages = await history(gw, "job:s1", "dave")
+    assert [m["data"]["progress"] for m in messages] == [0, 1, 2, 100]

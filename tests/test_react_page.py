@@ -70,18 +70,21 @@ async def test_use_job_progress_shows_live_progress_across_a_gateway_restart(
 
     async with RedisPublisher(redis_url) as pub, open_page() as page:
         await pub.register_job("r1", owner="react-user")
+        await pub.register_job("theirs", owner="someone-else")
 
         async def progress(n: int, status: str = "processing") -> None:
             reply = await pub.job_progress("r1", "react-user", status, n, stage=f"stage {n // 10}",
                                            message=f"step {n}")
             sent.append(reply["offset"])
 
-        config = {"url": gw.url, "token": token("react-user"), "jobs": ["r1"], "log": []}
+        config = {"url": gw.url, "token": token("react-user"), "jobs": ["r1", "theirs"], "log": []}
         await page.add_init_script(f"window.heraldExample = {orjson.dumps(config).decode()};")
         await page.goto(site + "/")
         await until(page, "document.querySelector('#connection')?.dataset.state === 'connected'")
         assert await page.get_attribute("#connection", "data-transport") == "ws"
         await until(page, f"document.querySelector('{card}')")
+        # Not the owner: the hook's `error`, not a bar stuck at 0.
+        await until(page, "document.querySelector('.job[data-error=\"forbidden\"]')")
         for n in range(1, 6):
             await progress(n)
         await until(page, f"document.querySelector('{card}').dataset.progress === '5'")
@@ -102,7 +105,8 @@ async def test_use_job_progress_shows_live_progress_across_a_gateway_restart(
         await progress(100, "completed")
         await until(page, f"document.querySelector('{card}').dataset.status === 'completed'")
 
-        log = await page.evaluate("window.heraldExample.log.map(e => e.offset)")
+        log = await page.evaluate(
+            "window.heraldExample.log.filter(e => e.job === 'r1').map(e => e.offset)")
         assert log == sent == list(range(1, 22))  # each once, in order, none lost
         assert await page.get_attribute("#connection", "data-state") == "connected"
         assert await page.query_selector(f"{card} .stale") is None

@@ -144,3 +144,27 @@ test("reconnects counts successful re-connections, not attempts", async () => {
     await own.stop();
   }
 });
+
+test("debug: states, retries and frames go to console.debug; silent without it", async () => {
+  const calls = [];
+  const original = console.debug;
+  console.debug = (...args) => calls.push(args);
+  try {
+    const quiet = client("quiet-user");
+    quiet.connect();
+    await until(() => quiet.state === "connected", { what: "connected" });
+    quiet.close();
+    assert.deepEqual(calls, []);
+    const loud = client("loud-user", { debug: true });
+    loud.connect();
+    await until(() => loud.state === "connected", { what: "connected" });
+    await until(() => loud.stats.latency !== null, { what: "a pong" });
+    loud.close();
+  } finally {
+    console.debug = original;
+  }
+  assert.ok(calls.every((args) => args[0] === "herald:"));
+  assert.ok(calls.some((args) => args.slice(1).join(" ") === "state offline -> connecting"));
+  assert.ok(calls.some((args) => args[1] === "frame" && args[2].type === "subscribed"));
+  assert.ok(calls.some((args) => args[1] === "frame" && args[2].type === "pong"));
+});
