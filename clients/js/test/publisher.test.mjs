@@ -107,6 +107,22 @@ test("the idempotency key is checked before anything is sent", async () => {
   assert.equal(ok.channel, "system:k");
 });
 
+test("a retry with the same idempotency key publishes nothing new: the original position, duplicate", async () => {
+  const pub = new HeraldPublisher(gw.url, API_KEY);
+  const first = await pub.jobProgress("idem", "ivy", "processing", 10, { idempotencyKey: "job-idem-10" });
+  const again = await pub.jobProgress("idem", "ivy", "processing", 10, { idempotencyKey: "job-idem-10" });
+  assert.equal(first.duplicate, undefined);
+  assert.deepEqual(again, { ...first, duplicate: true });
+  const batched = new HeraldPublisher(gw.url, API_KEY, { batch: true }); // the key in a batch item
+  const [a, b] = await Promise.all([
+    batched.publish("system:idem", "e", 1, { idempotencyKey: "sys-1" }),
+    batched.publish("system:idem", "e", 1, { idempotencyKey: "sys-1" }),
+  ]);
+  assert.equal(b.offset, a.offset);
+  assert.ok(a.duplicate === true || b.duplicate === true);
+  await batched.close();
+});
+
 test("batching: concurrent publishes share requests, each settles with its own outcome, order kept", async () => {
   const pub = new HeraldPublisher(gw.url, API_KEY, { batch: { lingerMs: 5, maxItems: 50 } });
   await pub.registerJob("b1", "bob");
