@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tornado.httputil import HTTPServerRequest
-from tornado.web import Application, StaticFileHandler
+from tornado.web import Application
 
 from gateway.core.node import Node
 from gateway.handlers import admin, api, ops, pages
@@ -60,7 +60,7 @@ def make_app(node: Node, **overrides: Any) -> Application:
         (r"/metrics", ops.MetricsHandler, deps),
     ]
     if STATIC.is_dir():
-        routes.append((r"/static/(.*)", StaticFileHandler, {"path": str(STATIC)}))
+        routes.append((r"/static/(.*)", pages.StaticHandler, {"path": str(STATIC)}))
         static = {"path": str(STATIC)}
         routes += [
             (r"/(client\.js)", pages.ClientScriptHandler, static),

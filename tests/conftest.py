@@ -229,6 +229,8 @@ class GatewayProcess:
     port: int
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+    # Where its stderr (the JSON log lines) goes, for tests that read them.
+    log_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -239,12 +241,17 @@ class GatewayProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self) -> None:
+        stderr: Any = None if os.environ.get("HERALD_TEST_GATEWAY_LOGS") else subprocess.DEVNULL
+        if self.log_path is not None:
+            stderr = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve"],
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=None if os.environ.get("HERALD_TEST_GATEWAY_LOGS") else subprocess.DEVNULL,
+            stderr=stderr,
         )
+        if self.log_path is not None:
+            stderr.close()  # the child has its own copy
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -291,10 +298,11 @@ def spawn_gateway() -> Iterator[Callable[..., GatewayProcess]]:
     """`spawn_gateway(node_id, **HERALD_env)` -> a started `herald serve` process."""
     started: list[GatewayProcess] = []
 
-    def spawn(node_id: str, **env: str) -> GatewayProcess:
+    def spawn(node_id: str, log_path: Path | None = None, **env: str) -> GatewayProcess:
         port = free_port()
         gw = GatewayProcess(
-            node_id, port, gateway_env(HERALD_PORT=str(port), HERALD_NODE_ID=node_id, **env)
+            node_id, port, gateway_env(HERALD_PORT=str(port), HERALD_NODE_ID=node_id, **env),
+            log_path=log_path,
         )
         gw.start()
         started.append(gw)

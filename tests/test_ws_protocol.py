@@ -247,6 +247,10 @@ async def test_heartbeat_closes_a_dead_peer(make_gateway):
             break
         await asyncio.sleep(0.01)
     assert not gw.node.sessions
+    # Counted as what it is (4002), not as a normal close (1000).
+    registry = gw.node.metrics.registry
+    assert registry.get_sample_value("herald_disconnects_total", {"code": "4002"}) == 1
+    assert registry.get_sample_value("herald_disconnects_total", {"code": "1000"}) is None
 
 
 async def test_heartbeat_keeps_a_live_peer(make_gateway, ws_client):

@@ -44,7 +44,7 @@ from gateway.broker.base import Broker, PublishItem
 from gateway.broker.redis_pipe import ScriptPipe, bulk
 from gateway.broker.redis_scripts import PUBLISH, READ, Keys
 from gateway.broker.subscriptions import Released, SubscriptionTable
-from gateway.cluster.connect import COMMAND_TIMEOUT, connect, unavailable
+from gateway.cluster.connect import COMMAND_TIMEOUT, connect, describe, unavailable
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.protocol.publication import History, Publication, Snapshot, new_epoch
@@ -130,6 +130,8 @@ class RedisBroker(Broker):
         self._parser = hiredis.Reader()
         self._backlog: list[Any] = []
         self._auditor: asyncio.Task[None] | None = None
+        # Why the pub/sub connection last failed ("" while it is up).
+        self.last_error = ""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -140,7 +142,8 @@ class RedisBroker(Broker):
         try:
             await asyncio.wait_for(self._connected.wait(), self.timeout)
         except TimeoutError:
-            log.warning("redis not reachable at start; serving as not ready and retrying")
+            log.warning("redis not reachable at start (%s); serving as not ready and retrying",
+                        self.last_error or "no answer")
 
     async def close(self) -> None:
         self._closing = True
@@ -373,12 +376,19 @@ class RedisBroker(Broker):
             try:
                 await self._connect_pubsub()
                 attempt = 0
+                self.last_error = ""
                 await self._read_loop()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError, BrokerUnavailable) as exc:
+                # With its cause (a TLS failure says why), once per streak of
+                # failures and whenever the reason changes, not at every retry.
+                why = describe(exc)
                 if self._connected.is_set():
-                    log.warning("redis pub/sub lost: %s", exc)
+                    log.warning("redis pub/sub lost: %s", why)
+                elif why != self.last_error:
+                    log.warning("redis pub/sub cannot connect (retrying with backoff): %s", why)
+                self.last_error = why
                 self.reconnects += 1
             except Exception:
                 # Never let the reader die: a dead reader is a silent outage.

@@ -74,7 +74,22 @@ def unavailable(exc: BaseException) -> BrokerUnavailable:
     message, and the internal address is none of their business. The
     detail goes to this process's log instead.
     """
-    log.debug("redis call failed: %s: %s", type(exc).__name__, exc)
+    log.debug("redis call failed: %s", describe(exc))
     if isinstance(exc, RedisTimeoutError | TimeoutError):
         return BrokerUnavailable("redis did not answer in time")
     return BrokerUnavailable("redis is unreachable")
+
+
+def describe(exc: BaseException) -> str:
+    """An error with its causes, for logs: redis-py wraps the reason a TLS
+    handshake or a connect failed (`SSLCertVerificationError: certificate
+    verify failed...`) in a bare `ConnectionError`."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(parts) < 4:
+        seen.add(id(current))
+        text = str(current)
+        parts.append(f"{type(current).__name__}: {text}" if text else type(current).__name__)
+        current = current.__cause__ or current.__context__
+    return " <- ".join(parts)

@@ -27,13 +27,13 @@ from gateway.cluster import control
 from gateway.protocol import frames
 from gateway.protocol.channels import claim_allows
 from gateway.protocol.errors import BrokerUnavailable, CloseCode, ProtocolError
+from gateway.telemetry import audit as telemetry_audit
 
 if TYPE_CHECKING:
     from gateway.core.node import Node
     from gateway.core.session import Session
 
 log = logging.getLogger("herald.admin")
-audit_log = logging.getLogger("herald.audit")
 
 GATHER_TIMEOUT = 2.0
 MAX_LIMIT = 1000
@@ -41,8 +41,8 @@ MAX_REASON = 120  # a WebSocket close reason holds at most 123 bytes
 
 
 def audit(action: str, **fields: Any) -> None:
-    """One audit event per admin action (the one place to send them elsewhere)."""
-    audit_log.info("admin %s", action, extra={"audit": {"action": action, **fields}})
+    """One audit event per admin action (gateway.telemetry.audit writes it)."""
+    telemetry_audit.event(f"admin.{action}", action=action, **fields)
 
 
 def page(counts: dict[str, int], pattern: str, cursor: str, limit: int) -> list[list[Any]]:

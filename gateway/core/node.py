@@ -35,7 +35,7 @@ from gateway.protocol.errors import BrokerUnavailable, CloseCode, ProtocolError
 from gateway.protocol.publication import History, Position, Publication, Snapshot
 from gateway.security.admission import Admission, Refused
 from gateway.security.auth import Authenticator, Claims
-from gateway.telemetry import tracing
+from gateway.telemetry import audit, tracing
 from gateway.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -261,6 +261,14 @@ class Node:
             return ns
         raise ProtocolError("forbidden", f"not allowed to subscribe to {channel}")
 
+    def audit_refused(self, session: Session, channel: object, exc: ProtocolError,
+                      event: str) -> None:
+        """An audit event for a subscription refused (or revoked) by the rules."""
+        if exc.code == "forbidden":
+            audit.event(event, subject=session.claims.sub, client=session.id,
+                        address=session.address, transport=session.transport,
+                        channel=str(channel), reason=exc.message)
+
     # -- subscriptions ----------------------------------------------------
 
     async def subscribe(
@@ -295,7 +303,11 @@ class Node:
         whole no-gap, no-duplicate guarantee, for both engines.
         """
         if check:
-            ns = await self.authorize(session.claims, channel, Caller.of(session))
+            try:
+                ns = await self.authorize(session.claims, channel, Caller.of(session))
+            except ProtocolError as exc:
+                self.audit_refused(session, channel, exc, "subscribe.forbidden")
+                raise
         else:
             ns = self.namespaces.of(channel)
         if join_leave and not ns.join_leave:

@@ -30,6 +30,8 @@ class Session(abc.ABC):
         # Where live delivery of each channel began on this connection: with
         # `_sent`, the range this connection has already written.
         self._live_from: dict[str, Position] = {}
+        # The client's address (after trusted proxies), for audit events.
+        self.address = ""
         self.last_active = time.monotonic()
         self.connected_at = time.time()  # presence's `since`
 

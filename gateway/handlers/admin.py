@@ -60,7 +60,7 @@ class UserActionHandler(JsonHandler):
         }
         if errors:
             reply["errors"] = errors
-        audit(verb, user=user, client=client, remote=self.request.remote_ip,
+        audit(verb, user=user, client=client, address=self.request.remote_ip,
               connections=reply["connections"], missing=gathered["missing"],
               **{k: v for k, v in body.items() if k in ("channel", "reason", "reconnect")})
         self.write_json(reply)
@@ -88,7 +88,7 @@ class ListingHandler(JsonHandler):
         found = await self.node.admin.listing(self.kind, pattern, cursor, limit)
         name, count = self.item
         plural = self.kind.name
-        audit(plural, remote=self.request.remote_ip, pattern=pattern)
+        audit(plural, address=self.request.remote_ip, pattern=pattern)
         self.write_json({
             plural: [{name: n, count: c} for n, c in found["items"]],
             "next": found["next"],

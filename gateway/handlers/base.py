@@ -21,6 +21,7 @@ TOKEN_COOKIE = "herald_token"
 
 class JsonHandler(RequestHandler):
     node: Node
+    transport = "http"  # what audit events name (SSE: "sse")
     # Handlers worth a trace (publishing) name their route; the rest make no span.
     span_route: str | None = None
     _span: Any = None
@@ -85,8 +86,15 @@ class JsonHandler(RequestHandler):
         except orjson.JSONDecodeError as exc:
             raise ProtocolError("bad_request", f"invalid JSON: {exc}") from None
 
+    def audit_context(self) -> dict[str, Any]:
+        """Who is asking, for audit events: address and request."""
+        return {"address": self.request.remote_ip, "transport": self.transport,
+                "path": self.request.path}
+
     def require_api_key(self) -> None:
-        if not self.node.auth.check_api_key(self.request.headers.get("Authorization")):
+        if not self.node.auth.check_api_key(
+            self.request.headers.get("Authorization"), **self.audit_context()
+        ):
             raise ProtocolError("unauthorized", "send 'Authorization: apikey <key>'")
 
     async def require_reader(self) -> Claims | None:
@@ -106,4 +114,4 @@ class JsonHandler(RequestHandler):
             token = self.get_query_argument("token", None)
         if not token:
             token = self.get_cookie(TOKEN_COOKIE)
-        return await self.node.auth.verify(token)
+        return await self.node.auth.verify(token, **self.audit_context())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tornado.web import StaticFileHandler
+from tornado.web import HTTPError, StaticFileHandler
 
 from gateway import demo
 from gateway.handlers.base import JsonHandler
@@ -21,7 +21,17 @@ from gateway.security.auth import mint_token
 DEMO_TOKEN_TTL = 900  # short on purpose: the page shows token refresh at work
 
 
-class ClientScriptHandler(StaticFileHandler):
+class StaticHandler(StaticFileHandler):
+    """Tornado's static files, refusing a path with a NUL byte (404) before the
+    filesystem sees it: `os.stat` would raise, a 500 with a traceback per request."""
+
+    def parse_url_path(self, url_path: str) -> str:
+        if "\x00" in url_path:
+            raise HTTPError(404)
+        return super().parse_url_path(url_path)
+
+
+class ClientScriptHandler(StaticHandler):
     """`/client.js`: public code, loadable as a module script from any origin."""
 
     def set_extra_headers(self, path: str) -> None:
@@ -30,7 +40,7 @@ class ClientScriptHandler(StaticFileHandler):
         self.set_header("Cache-Control", "no-cache")
 
 
-class DemoPageHandler(StaticFileHandler):
+class DemoPageHandler(StaticHandler):
     """`/`: the demo dashboard (development only)."""
 
     def initialize(self, node: Any, path: str) -> None:  # type: ignore[override]

@@ -88,6 +88,8 @@ class SseSession(Session):
 class SseHandler(JsonHandler):
     """One EventSource stream: checks first, then `connected`, subscriptions, live events."""
 
+    transport = "sse"
+
     def initialize(self, node: Any) -> None:
         super().initialize(node)
         self.session: SseSession | None = None
@@ -100,6 +102,7 @@ class SseHandler(JsonHandler):
         # Like /ws: refused before the stream, so the client goes elsewhere.
         node.check_open(self.request.remote_ip or "")
         session = SseSession(self, node.new_client_id(), await self.require_user())
+        session.address = self.request.remote_ip or ""
         extra = await node.backend.connect(session)  # refused: the backend's status
         plan = await self._plan(session)
         plan += [(c, None) for c in extra if c not in dict(plan)]

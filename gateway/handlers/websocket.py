@@ -178,7 +178,11 @@ class GatewayWebSocket(WebSocketHandler):
 
     async def _authenticate(self, token: object, rid: str | int | None) -> None:
         try:
-            claims = await tracing.auth_span(self.node.auth.verify(token), "ws", self.client_id)
+            verified = self.node.auth.verify(
+                token, refresh=self.session is not None, client=self.client_id,
+                address=self.request.remote_ip, transport="ws",
+            )
+            claims = await tracing.auth_span(verified, "ws", self.client_id)
         except ProtocolError as exc:
             self._fail_auth(exc, rid)
             return
@@ -190,6 +194,7 @@ class GatewayWebSocket(WebSocketHandler):
         self._timers.clear()
         self._left_unauthenticated()
         session = WsSession(self, self.client_id, claims)
+        session.address = self.request.remote_ip or ""
         try:
             extra = await self.node.backend.connect(session)
         except ProtocolError as exc:
@@ -263,6 +268,7 @@ class GatewayWebSocket(WebSocketHandler):
                 if exc.code == "unavailable" or self.session is not session:
                     continue
                 await self.node.unsubscribe(session, channel)
+                self.node.audit_refused(session, channel, exc, "subscribe.revoked")
                 self.node.metrics.errors.labels(exc.code).inc()
                 session.send_json(
                     frames.error(
@@ -423,7 +429,7 @@ class GatewayWebSocket(WebSocketHandler):
     def heartbeat(self) -> None:
         """Called by the node's Heartbeat each interval: ping, or close a dead peer."""
         if self._awaiting_pong:
-            self.close_with(CloseCode.NORMAL, "heartbeat timeout")
+            self.close_with(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
             return
         self._awaiting_pong = True
         if self.ws_connection is not None and self._our_close_code is None:

@@ -39,6 +39,7 @@ class CloseCode:
     RESTARTING = 1012
     OVERLOADED = 1013
     UNAUTHORIZED = 4001
+    HEARTBEAT_TIMEOUT = 4002  # the peer answered no ping for a whole interval
     DISCONNECTED = 4003  # by the server API: do not reconnect
     SLOW_CONSUMER = 4008
     RATE_LIMIT = 4029

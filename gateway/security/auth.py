@@ -23,6 +23,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from gateway.config import ConfigError, Settings
 from gateway.protocol.errors import ProtocolError
+from gateway.telemetry import audit
 
 log = logging.getLogger("herald.auth")
 
@@ -96,17 +97,38 @@ class Authenticator:
         self._jwks_fetched = -math.inf  # the first unknown kid always fetches
         self._api_key = settings.api_key.encode()
 
-    def check_api_key(self, header: str | None) -> bool:
-        """`Authorization: apikey <key>`, compared in constant time."""
-        if not header or not self._api_key:
-            return False
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "apikey":
-            return False
-        return hmac.compare_digest(key.strip().encode(), self._api_key)
+    def check_api_key(self, header: str | None, **context: Any) -> bool:
+        """`Authorization: apikey <key>`, compared in constant time.
 
-    async def verify(self, token: object) -> Claims:
-        """Verify a token or raise `unauthorized` / `token_expired` with the reason."""
+        A refusal is an audit event (`apikey.failure`, with `context` and
+        whether a key was sent at all): never the key.
+        """
+        scheme, _, key = (header or "").partition(" ")
+        if self._api_key and scheme.lower() == "apikey" and hmac.compare_digest(
+            key.strip().encode(), self._api_key
+        ):
+            return True
+        reason = "no API key" if scheme.lower() != "apikey" else "wrong API key"
+        audit.event("apikey.failure", reason=reason, **context)
+        return False
+
+    async def verify(self, token: object, *, refresh: bool = False, **context: Any) -> Claims:
+        """Verify a token or raise `unauthorized` / `token_expired` with the reason.
+
+        Every outcome is an audit event (`auth.success`, `auth.refresh` for a
+        refresh, `auth.failure` with the reason), carrying `context` (client,
+        address, transport): never the token.
+        """
+        try:
+            claims = await self._verify(token)
+        except ProtocolError as exc:
+            audit.event("auth.failure", reason=f"{exc.code}: {exc.message}",
+                        refresh=refresh or None, **context)
+            raise
+        audit.event("auth.refresh" if refresh else "auth.success", subject=claims.sub, **context)
+        return claims
+
+    async def _verify(self, token: object) -> Claims:
         if not isinstance(token, str) or not token:
             raise ProtocolError("unauthorized", "token missing")
         try:
@@ -134,11 +156,21 @@ class Authenticator:
             raise ProtocolError("unauthorized", f"token lacks claim {exc.claim!r}") from None
         except jwt.InvalidSignatureError:
             raise ProtocolError("unauthorized", "token signature is invalid") from None
+        except jwt.InvalidKeyError:
+            # PyJWT's own message here is a generator's repr ("Expected one of <generator...").
+            raise ProtocolError(
+                "unauthorized", f"the configured key cannot verify {alg} tokens (wrong key type)"
+            ) from None
         except jwt.PyJWTError as exc:
             raise ProtocolError("unauthorized", f"token is invalid: {exc}") from None
         sub = payload["sub"]
         if not isinstance(sub, str) or not sub:
             raise ProtocolError("unauthorized", "token sub must be a non-empty string")
+        for claim in ("exp", "nbf", "iat"):
+            # PyJWT takes "9999999999" (a string) as a date; RFC 7519 says a number.
+            value = payload.get(claim)
+            if claim in payload and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ProtocolError("unauthorized", f"token {claim} must be a number (NumericDate)")
         return Claims(
             sub=sub,
             exp=float(payload["exp"]),

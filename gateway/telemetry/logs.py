@@ -7,6 +7,7 @@ import sys
 
 import orjson
 
+from gateway.telemetry import audit
 from gateway.telemetry.tracing import TraceLogFilter
 
 
@@ -22,6 +23,9 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value:
                 entry[key] = value
+        fields = getattr(record, "audit", None)
+        if fields:
+            entry.update(fields)  # audit events: their fields as top-level keys
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
@@ -35,6 +39,8 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The audit trail is not a verbosity level: it stays on at WARNING too.
+    logging.getLogger(audit.LOGGER).setLevel(logging.INFO)
     # Tornado's access log carries query strings, which may hold `?token=`.
     logging.getLogger("tornado.access").addFilter(_redact_tokens)
 
