@@ -352,3 +352,43 @@ async def test_one_active_feed_the_other_takes_over_and_sigterm_stops_cleanly(he
     assert (await second.metrics())['herald_feed_rows_total{outcome="published"}'] == 1
     messages = await history(gw, "job:s1", "dave")
     assert [m["data"]["progress"] for m in messages] == [0, 1, 2, 100]
+
+
+async def test_database_restart_the_feed_reconnects_and_goes_on(tmp_path):
+    from tests.pg import start_postgres
+
+    pg, tmp = start_postgres(free_port())  # a cluster of its own: this test stops it
+    port = free_port()
+    gw = GatewayProcess("gw-feed-db", port, gateway_env(HERALD_PORT=str(port)))
+    feed: FeedProcess | None = None
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute(outbox_sql())
+            conn.execute(JOBS_SQL)
+            conn.execute("INSERT INTO jobs (id, user_id) VALUES ('db1', 'erin')")
+        gw.start()
+        feed = FeedProcess(gateway_env(HERALD_FEED_DSN=pg.dsn, HERALD_FEED_URL=gw.url,
+                                       HERALD_API_KEY=API_KEY), free_port(), tmp_path / "feed.log")
+        feed.start()
+        await until(lambda: sql(pg.dsn, "SELECT count(*) FROM herald_outbox")[0][0] == 0,
+                    what="published")
+        await asyncio.to_thread(pg.stop)
+        await until(lambda: _database_errors(feed), what="the outage counted")
+        assert feed.proc is not None and feed.proc.poll() is None  # still running
+        await asyncio.to_thread(pg.start)
+        sql(pg.dsn, "UPDATE jobs SET status = 'completed', progress = 100 WHERE id = 'db1'")
+        await until(lambda: sql(pg.dsn, "SELECT count(*) FROM herald_outbox")[0][0] == 0,
+                    timeout=60, what="published after the restart")
+        messages = await history(gw, "job:db1", "erin")
+        assert [m["data"]["progress"] for m in messages] == [0, 100]
+    finally:
+        if feed is not None:
+            feed.kill()
+        gw.stop()
+        pg.stop()
+        tmp.cleanup()
+
+
+async def _database_errors(feed: FeedProcess) -> bool:
+    figures = await feed.metrics()
+    return figures.get('herald_feed_errors_total{reason="database"}', 0) > 0
