@@ -275,3 +275,20 @@ async def test_connect_hook_over_sse(make_gateway, backend):
     assert backend.calls["connect"][-1].body["transport"] == "sse"
     assert backend.calls["connect"][-1].body["client"] == connected.data["client"]
     await stream.close()
+
+
+async def test_presence_info_is_bounded_from_the_token_and_the_hook(make_gateway, ws_client,
+                                                                    backend):
+    gw = await start(make_gateway, backend)
+    big = {"bio": "x" * 2000}
+    client = await ws_client(gw, handshake=False)
+    await client.send({"type": "auth", "token": token("u1", extra={"info": big}), "id": 1})
+    reply = await client.recv()
+    assert (reply["code"], reply["message"]) == ("unauthorized",
+                                                 "token info claim over 1024 bytes")
+    backend.on("connect", Accept({"info": big}))
+    other = await ws_client(gw, handshake=False)
+    await other.send({"type": "auth", "token": token("u2"), "id": 1})
+    reply = await other.recv()
+    assert reply["code"] == "unavailable" and "info over 1024 bytes" in reply["message"]
+    assert await other.closed() == 1013

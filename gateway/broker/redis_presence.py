@@ -190,11 +190,13 @@ class RedisPresence(Presence):
 
     async def refresh(self) -> None:
         """Re-assert every local member (and expire others') in one pipeline."""
-        if not self._local:
+        # A snapshot: joins and leaves may change the dicts while this awaits.
+        batch = [(c, list(m.values()), self._limits[c]) for c, m in self._local.items()]
+        if not batch:
             return
         async with self._client.pipeline(transaction=False) as pipe:
-            for channel, members in self._local.items():
-                await self._run_sync(channel, list(members.values()), self._limits[channel], pipe)
+            for channel, members, limit in batch:
+                await self._run_sync(channel, members, limit, pipe)
             await self._cmd(pipe.execute())
 
     async def _refresh_loop(self) -> None:

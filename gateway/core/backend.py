@@ -13,11 +13,13 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from gateway.config import ConfigError, Settings
 from gateway.core.hooks import HookFailed, Hooks, result_object
 from gateway.protocol.channels import Namespaces, validate_channel
 from gateway.protocol.errors import ProtocolError
-from gateway.security.auth import Claims
+from gateway.security.auth import MAX_INFO_BYTES, Claims
 
 if TYPE_CHECKING:
     from gateway.core.session import Session
@@ -117,6 +119,8 @@ class BackendCalls:
         for key in ("channels", "grants", "roles"):
             if not all(isinstance(v, str) for v in result.get(key, [])):
                 raise HookFailed("connect", "malformed", f"result.{key} must be strings")
+        if len(orjson.dumps(result.get("info"))) > MAX_INFO_BYTES:
+            raise HookFailed("connect", "malformed", f"result.info over {MAX_INFO_BYTES} bytes")
         channels = [validate_channel(c) for c in result.get("channels", [])]
         if len(channels) > MAX_HOOK_CHANNELS:
             raise HookFailed("connect", "malformed", f"more than {MAX_HOOK_CHANNELS} channels")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+import orjson
 from jwt import PyJWK
 from tornado.httpclient import AsyncHTTPClient
 
@@ -28,6 +29,8 @@ from gateway.telemetry import audit
 log = logging.getLogger("herald.auth")
 
 JWKS_MIN_REFRESH = 30.0
+# The `info` claim (what presence shows of a client) is kept per subscription: bounded.
+MAX_INFO_BYTES = 1024
 ADMIN_ROLE = "admin"
 
 
@@ -171,12 +174,15 @@ class Authenticator:
             value = payload.get(claim)
             if claim in payload and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ProtocolError("unauthorized", f"token {claim} must be a number (NumericDate)")
+        info = payload.get("info")
+        if info is not None and len(orjson.dumps(info)) > MAX_INFO_BYTES:
+            raise ProtocolError("unauthorized", f"token info claim over {MAX_INFO_BYTES} bytes")
         return Claims(
             sub=sub,
             exp=float(payload["exp"]),
             roles=frozenset(_str_set(_claim_path(payload, opts.jwt_roles_claim))),
             channels=tuple(_str_set(_claim_path(payload, opts.jwt_channels_claim))),
-            info=payload.get("info"),
+            info=info,
         )
 
     async def _key_for(self, header: dict[str, Any]) -> Any:
