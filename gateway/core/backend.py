@@ -103,30 +103,11 @@ class BackendCalls:
         if not self.hooks.enabled("connect"):
             return []
         claims = session.claims
-        result = result_object(
-            "connect",
-            await self.hooks.call(
-                "connect",
-                self._request(
-                    Caller.of(session),
-                    roles=sorted(claims.roles),
-                    channels=list(claims.channels),
-                    info=claims.info,
-                ),
-            ),
-            {"channels": list, "grants": list, "roles": list},
+        request = self._request(
+            Caller.of(session), roles=sorted(claims.roles), channels=list(claims.channels),
+            info=claims.info,
         )
-        for key in ("channels", "grants", "roles"):
-            if not all(isinstance(v, str) for v in result.get(key, [])):
-                raise HookFailed("connect", "malformed", f"result.{key} must be strings")
-        if len(orjson.dumps(result.get("info"))) > MAX_INFO_BYTES:
-            raise HookFailed("connect", "malformed", f"result.info over {MAX_INFO_BYTES} bytes")
-        channels = [validate_channel(c) for c in result.get("channels", [])]
-        if len(channels) > MAX_HOOK_CHANNELS:
-            raise HookFailed("connect", "malformed", f"more than {MAX_HOOK_CHANNELS} channels")
-        session.granted = Grant(
-            frozenset(result.get("roles", [])), tuple(result.get("grants", [])), result.get("info")
-        )
+        channels, session.granted = await self.hooks.call("connect", request, _connect_result)
         session.claims = regrant(session, claims)
         return channels
 
@@ -134,34 +115,25 @@ class BackendCalls:
         """The new expiry the refresh hook grants, or None without a refresh hook."""
         if not self.hooks.enabled("refresh"):
             return None
-        result = result_object(
-            "refresh",
-            await self.hooks.call(
-                "refresh", self._request(Caller.of(session), expires=int(session.claims.exp))
-            ),
-            {"expires": (int, float)},
-        )
-        expires = result.get("expires")
-        if expires is None or isinstance(expires, bool) or expires <= time.time():
-            raise ProtocolError("token_expired", "token expired and the backend did not extend it")
-        session.claims = dataclasses.replace(session.claims, exp=float(expires))
-        return float(expires)
+        request = self._request(Caller.of(session), expires=int(session.claims.exp))
+        expires = await self.hooks.call("refresh", request, _refresh_result)
+        session.claims = dataclasses.replace(session.claims, exp=expires)
+        return expires
 
     async def may_subscribe(self, caller: Caller, channel: str) -> None:
         """The subscribe hook's decision; returns when it allows, raises when not."""
-        result = await self.hooks.call("subscribe", self._request(caller, channel=channel))
-        result_object("subscribe", result, {})
+        await self.hooks.call(
+            "subscribe", self._request(caller, channel=channel),
+            lambda result: result_object("subscribe", result, {}),
+        )
 
     async def publish(self, caller: Caller, channel: str, event: str, data: Any) -> Any:
         """The data to publish: as sent, or as the publish hook rewrote it."""
         if not self.hooks.enabled("publish"):
             return data
-        result = result_object(
-            "publish",
-            await self.hooks.call(
-                "publish", self._request(caller, channel=channel, event=event, data=data)
-            ),
-            {},
+        result = await self.hooks.call(
+            "publish", self._request(caller, channel=channel, event=event, data=data),
+            lambda result: result_object("publish", result, {}),
         )
         return result.get("data", data)
 
@@ -171,3 +143,25 @@ class BackendCalls:
             raise ProtocolError("not_found", "no RPC hook is configured")
         return await self.hooks.call("rpc", self._request(caller, method=method, params=params))
 
+
+def _connect_result(result: Any) -> tuple[list[str], Grant]:
+    """The connect hook's result: the channels to add, and what it grants."""
+    r = result_object("connect", result, {"channels": list, "grants": list, "roles": list})
+    for key in ("channels", "grants", "roles"):
+        if not all(isinstance(v, str) for v in r.get(key, [])):
+            raise HookFailed("connect", "malformed", f"result.{key} must be strings")
+    if len(orjson.dumps(r.get("info"))) > MAX_INFO_BYTES:
+        raise HookFailed("connect", "malformed", f"result.info over {MAX_INFO_BYTES} bytes")
+    channels = [validate_channel(c) for c in r.get("channels", [])]
+    if len(channels) > MAX_HOOK_CHANNELS:
+        raise HookFailed("connect", "malformed", f"more than {MAX_HOOK_CHANNELS} channels")
+    grant = Grant(frozenset(r.get("roles", [])), tuple(r.get("grants", [])), r.get("info"))
+    return channels, grant
+
+
+def _refresh_result(result: Any) -> float:
+    """The refresh hook's new expiry: unix seconds, in the future."""
+    expires = result_object("refresh", result, {"expires": (int, float)}).get("expires")
+    if expires is None or isinstance(expires, bool) or expires <= time.time():
+        raise HookFailed("refresh", "malformed", "result.expires must be a future unix time")
+    return float(expires)

@@ -34,7 +34,7 @@ from typing import Any, Final, get_args
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.protocol.errors import ErrorCode, ProtocolError
 from gateway.telemetry import tracing
 
@@ -179,6 +179,8 @@ class Hooks:
         self._hooks = {name: _Hook(name, url, settings) for name, url in urls.items()}
         self._secret = settings.hook_secret.encode()
         self._client: AsyncHTTPClient | None = None
+        if self._hooks:
+            _require_curl()
 
     def enabled(self, hook: str) -> bool:
         return hook in self._hooks
@@ -188,12 +190,13 @@ class Hooks:
 
     def _http(self) -> AsyncHTTPClient:
         if self._client is None:
-            # Its own instance: the shared one queues past 10 requests, and
-            # the limit here is ours (in-flight per hook), not the client's.
-            self._client = AsyncHTTPClient(
-                force_instance=True,
-                max_clients=self._settings.hook_concurrency * len(HOOKS),
-                max_body_size=MAX_REPLY_BYTES + 1,
+            from tornado.curl_httpclient import CurlAsyncHTTPClient
+
+            # libcurl keeps connections to the backend alive between calls (a
+            # call costs about a fifth of a fresh connection's time); its own
+            # instance, sized by our in-flight bound, not a shared one's 10.
+            self._client = CurlAsyncHTTPClient(
+                force_instance=True, max_clients=self._settings.hook_concurrency * len(HOOKS)
             )
         return self._client
 
@@ -202,8 +205,15 @@ class Hooks:
             self._client.close()
             self._client = None
 
-    async def call(self, hook: str, request: dict[str, Any]) -> Any:
-        """POST `request` to the hook; its `result`, its rejection, or `HookFailed`."""
+    async def call(
+        self, hook: str, request: dict[str, Any], check: Callable[[Any], Any] | None = None
+    ) -> Any:
+        """POST `request` to the hook; its `result` (through `check`, which reads
+        the hook's fields), its rejection, or `HookFailed`.
+
+        A result `check` refuses is `malformed` like any other bad reply: counted
+        so, and a failure for the breaker.
+        """
         h = self._hooks[hook]
         if not h.breaker.allow():
             return self._count(hook, CIRCUIT_OPEN, HookFailed(hook, CIRCUIT_OPEN, "circuit open"))
@@ -215,6 +225,8 @@ class Hooks:
         started = time.perf_counter()
         try:
             result = await self._post(h, request)
+            if check is not None:
+                result = _checked(hook, check, result)
         except HookFailed as exc:
             h.breaker.failure()
             return self._count(hook, exc.outcome, exc)
@@ -245,6 +257,7 @@ class Hooks:
                 req = HTTPRequest(
                     h.url, method="POST", body=body, headers=headers,
                     connect_timeout=timeout, request_timeout=timeout, follow_redirects=False,
+                    prepare_curl_callback=_limit_reply,
                 )
                 response = await self._http().fetch(req, raise_error=False)
         except HTTPClientError as exc:  # raise_error=False still raises on timeouts
@@ -254,6 +267,30 @@ class Hooks:
         if response.code == 599:
             raise _transport_failure(h.name, response.error)
         return parse_reply(h.name, response.code, response.body or b"")
+
+
+def _require_curl() -> None:
+    """Hooks need pycurl (a dependency); say so at start-up, not at the first call."""
+    try:
+        import pycurl  # noqa: F401
+    except ImportError:
+        raise ConfigError("backend hooks need pycurl: pip install -e .") from None
+
+
+def _limit_reply(curl: Any) -> None:
+    """libcurl stops reading a reply past the bound instead of buffering it."""
+    import pycurl
+
+    curl.setopt(pycurl.MAXFILESIZE, MAX_REPLY_BYTES + 1)
+
+
+def _checked(hook: str, check: Callable[[Any], Any], result: Any) -> Any:
+    try:
+        return check(result)
+    except HookFailed:
+        raise
+    except ProtocolError as exc:  # e.g. a channel name that does not validate
+        raise HookFailed(hook, MALFORMED, f"sent a bad result: {exc.message}") from None
 
 
 def _transport_failure(hook: str, exc: BaseException | None) -> HookFailed:
