@@ -83,7 +83,7 @@ async def test_disconnect_unsubscribe_subscribe_and_listings_on_one_gateway(
                                    {"client": first_id, "reason": "moved", "reconnect": True})
     assert body["connections"] == 1
     audits = [r.audit for r in caplog.records if hasattr(r, "audit")]
-    assert audits[-1]["action"] == "disconnect" and audits[-1]["reconnect"] is True
+    assert audits[-1]["event"] == "admin.disconnect" and audits[-1]["reconnect"] is True
     frame = await a1.recv()
     assert frame == {"type": "reconnect", "reason": "moved", "after_ms": frame["after_ms"]}
     assert await a1.closed() == 1012

@@ -11,7 +11,7 @@ Listings page by name: every node returns its first `limit` matches after
 is exact — a name among the first `limit` overall is among the first
 `limit` of every node that has it.
 
-Every action is written to the audit log (`audit`).
+Every action is written to the audit log (gateway.telemetry.audit) by its handler.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from gateway.cluster import control
 from gateway.protocol import frames
 from gateway.protocol.channels import claim_allows
 from gateway.protocol.errors import BrokerUnavailable, CloseCode, ProtocolError
-from gateway.telemetry import audit as telemetry_audit
 
 if TYPE_CHECKING:
     from gateway.core.node import Node
@@ -38,11 +37,6 @@ log = logging.getLogger("herald.admin")
 GATHER_TIMEOUT = 2.0
 MAX_LIMIT = 1000
 MAX_REASON = 120  # a WebSocket close reason holds at most 123 bytes
-
-
-def audit(action: str, **fields: Any) -> None:
-    """One audit event per admin action (gateway.telemetry.audit writes it)."""
-    telemetry_audit.event(f"admin.{action}", action=action, **fields)
 
 
 def page(counts: dict[str, int], pattern: str, cursor: str, limit: int) -> list[list[Any]]:

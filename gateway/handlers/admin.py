@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.cluster import control
-from gateway.core.admin import MAX_LIMIT, MAX_REASON, audit
+from gateway.core.admin import MAX_LIMIT, MAX_REASON
 from gateway.handlers.base import JsonHandler
 from gateway.protocol.channels import MAX_CHANNEL_BYTES, validate_channel
 from gateway.protocol.errors import ProtocolError
+from gateway.telemetry import audit
 
 MAX_NAME = 255
 
@@ -60,7 +61,7 @@ class UserActionHandler(JsonHandler):
         }
         if errors:
             reply["errors"] = errors
-        audit(verb, user=user, client=client, address=self.request.remote_ip,
+        audit.event(f"admin.{verb}", user=user, client=client, address=self.request.remote_ip,
               connections=reply["connections"], missing=gathered["missing"],
               **{k: v for k, v in body.items() if k in ("channel", "reason", "reconnect")})
         self.write_json(reply)
@@ -88,7 +89,7 @@ class ListingHandler(JsonHandler):
         found = await self.node.admin.listing(self.kind, pattern, cursor, limit)
         name, count = self.item
         plural = self.kind.name
-        audit(plural, address=self.request.remote_ip, pattern=pattern)
+        audit.event(f"admin.{plural}", address=self.request.remote_ip, pattern=pattern)
         self.write_json({
             plural: [{name: n, count: c} for n, c in found["items"]],
             "next": found["next"],
