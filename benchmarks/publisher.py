@@ -9,6 +9,8 @@ see `benchmarks.rpc`).
   round trip per batch, a few us of CPU per message), so the publisher is
   not what limits a run. Job owners are registered first with
   `RedisPublisher.register_job`.
+- `herald` on a `redis+cluster://` URL: the same script ending in SPUBLISH,
+  one bare connection per master, each command sent to its channel's slot.
 - `sio`: python-socketio's `AsyncRedisManager(write_only=True).emit(..., room=channel)`,
   the way a Socket.IO backend publishes from outside the server, one emit
   after the other (in order, as Herald's pipeline is).
@@ -29,10 +31,11 @@ from urllib.parse import urlparse
 import orjson
 import redis.asyncio as aioredis
 import uvloop
+from redis.crc import key_slot
 
 from benchmarks import rpc
 from gateway.broker.redis import OWNER_TTL
-from gateway.broker.redis_scripts import PUBLISH, Keys
+from gateway.broker.redis_scripts import PUBLISH, SPUBLISH, Keys
 from gateway.protocol.channels import Namespaces
 from gateway.protocol.publication import new_epoch
 
@@ -106,6 +109,8 @@ class Resp:
 class HeraldSink:
     """EVALSHA of the gateways' publish script, one batch per round trip."""
 
+    script = PUBLISH
+
     def __init__(self, redis_url: str, prefix: str) -> None:
         self.url = redis_url
         self.keys = Keys(prefix)
@@ -114,12 +119,15 @@ class HeraldSink:
         self.sha = b""
         self._static: dict[str, tuple[bytes, bytes]] = {}
 
+    def fanout(self, channel: str) -> str:
+        return self.keys.pubsub(channel)
+
     async def setup(self, owners: dict[str, str]) -> None:
         from gateway.sdk.publisher import RedisPublisher
 
         client = aioredis.from_url(self.url)
         try:
-            self.sha = (await client.script_load(PUBLISH)).encode()
+            self.sha = (await client.script_load(self.script)).encode()
         finally:
             await client.aclose()
         if owners:
@@ -140,7 +148,7 @@ class HeraldSink:
                 b"EVALSHA", self.sha, b"4",
                 *(key.encode() for key in
                   (k.meta(channel), k.stream(channel), k.state(channel), k.owner(channel))),
-                k.pubsub(channel).encode(), orjson.dumps(channel), orjson.dumps(EVENT),
+                self.fanout(channel).encode(), orjson.dumps(channel), orjson.dumps(EVENT),
             )
             tail = Resp.encode(
                 b"{}", str(ns.history_size).encode(), str(max(1, int(ns.history_ttl))).encode(),
@@ -149,20 +157,72 @@ class HeraldSink:
             parts = self._static[channel] = (b"*19\r\n" + head, tail)
         return parts
 
+    def command(self, channel: str, seq: int) -> bytes:
+        head, tail = self._parts(channel)
+        data = payload(channel, seq)
+        return head + Resp.encode(orjson.dumps(data), repr(data["ts"]).encode()) + tail
+
     async def send(self, batch: list[tuple[str, int]]) -> int:
         assert self.resp is not None
-        commands = []
-        for channel, seq in batch:
-            head, tail = self._parts(channel)
-            data = payload(channel, seq)
-            commands.append(head + Resp.encode(orjson.dumps(data), repr(data["ts"]).encode())
-                            + tail)
-        replies = await self.resp.batch(commands)
-        return sum(1 for r in replies if not isinstance(r, list) or r[0] == b"forbidden")
+        replies = await self.resp.batch([self.command(ch, seq) for ch, seq in batch])
+        return errors(replies)
 
     async def close(self) -> None:
         if self.resp is not None:
             self.resp.close()
+
+
+def errors(replies: list[Any]) -> int:
+    return sum(1 for r in replies if not isinstance(r, list) or r[0] == b"forbidden")
+
+
+class HeraldClusterSink(HeraldSink):
+    """The same on Redis Cluster: SPUBLISH script, one connection per master, routed by slot.
+
+    (Static slot map: the benchmark does not reshard while it runs.)
+    """
+
+    script = SPUBLISH
+
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        super().__init__(redis_url, prefix)
+        self.shards: dict[int, Resp] = {}  # slot -> the connection to its master
+        self.conns: list[Resp] = []
+
+    def fanout(self, channel: str) -> str:
+        return self.keys.shard_pubsub(channel)
+
+    async def setup(self, owners: dict[str, str]) -> None:
+        from gateway.cluster.connect import connect_cluster
+
+        client = connect_cluster(self.url)
+        try:
+            await client.initialize()
+            by_node: dict[str, Resp] = {}
+            for node in client.get_primaries():
+                resp = await Resp.connect(f"redis://{node.host}:{node.port}")
+                by_node[node.name] = resp
+                self.conns.append(resp)
+                [sha] = await resp.batch([b"*3\r\n" + Resp.encode(
+                    b"SCRIPT", b"LOAD", self.script.encode())])
+                self.sha = sha
+            for slot in range(16384):
+                self.shards[slot] = by_node[client.nodes_manager.get_node_from_slot(slot).name]
+        finally:
+            await client.aclose()
+
+    async def send(self, batch: list[tuple[str, int]]) -> int:
+        per_shard: dict[int, list[bytes]] = {}
+        for channel, seq in batch:
+            resp = self.shards[key_slot(self.keys.meta(channel).encode())]
+            per_shard.setdefault(id(resp), []).append(self.command(channel, seq))
+        conns = {id(c): c for c in self.conns}
+        replies = await asyncio.gather(*(conns[k].batch(v) for k, v in per_shard.items()))
+        return sum(errors(r) for r in replies)
+
+    async def close(self) -> None:
+        for resp in self.conns:
+            resp.close()
 
 
 class SioSink:
@@ -201,7 +261,8 @@ class Publisher:
         if self.sink is not None:
             await self.sink.close()
         if req["mode"] == "herald":
-            self.sink = HeraldSink(req["redis_url"], req.get("prefix", "herald:"))
+            sink = HeraldClusterSink if "+cluster://" in req["redis_url"] else HeraldSink
+            self.sink = sink(req["redis_url"], req.get("prefix", "herald:"))
         else:
             self.sink = SioSink(req["redis_url"])
         await self.sink.setup(req.get("owners") or {})

@@ -2,6 +2,9 @@
 
 - `redis_url`: a real `redis-server` on a free port, one per test session
   (flushed between tests).
+- `redis_cluster_url`: a real Redis Cluster (6 `redis-server` processes,
+  3 masters with a replica each), one per test session (healed and flushed
+  between tests); `redis_cluster` kills, restarts and reshards it.
 - `make_gateway`: starts in-process Tornado gateways on free ports.
 - `ws_client`: connects a real WebSocket client (the `websockets` library).
 """
@@ -30,6 +33,7 @@ from gateway.config import Settings
 from gateway.security.auth import mint_token
 from gateway.server import RunningGateway, start_gateway
 from tests.faultproxy import FaultProxy
+from tests.redis_cluster import RedisCluster
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 API_KEY = "test-api-key"
@@ -208,6 +212,28 @@ def redis_url(redis_process: RedisProcess) -> str:
         s.sendall(b"FLUSHALL\r\n")
         s.recv(16)
     return redis_process.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real Redis Cluster (3 masters, 1 replica each), started once per session."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = RedisCluster(Path(tmp))
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisCluster) -> str:
+    """The session's cluster, whole again (nodes a test killed restarted) and flushed."""
+    dead = [n.port for n in redis_cluster.nodes if not n.alive]
+    if dead:
+        redis_cluster.restart(*dead)
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The `Broker` contract, run against both engines: they must be interchangeable.
 
 The memory engine runs in-process; the Redis engine against a real
-redis-server. Each test states a promise of the interface.
+redis-server; the Redis Cluster engine against a real 3-master cluster.
+Each test states a promise of the interface.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from gateway.broker.base import Broker, PublishItem
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
+from gateway.broker.redis_cluster import RedisClusterBroker
 from gateway.protocol.channels import Access, Namespace
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.publication import Publication
@@ -49,12 +51,14 @@ class Recorder:
         await asyncio.wait_for(until(), timeout)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Broker, Recorder]]:
     if request.param == "memory":
         broker: Broker = MemoryBroker()
-    else:
+    elif request.param == "redis":
         broker = RedisBroker(request.getfixturevalue("redis_url"))
+    else:
+        broker = RedisClusterBroker(request.getfixturevalue("redis_cluster_url"))
     rec = Recorder()
     broker.bind(rec.on_pub, rec.on_resubscribed)
     await broker.start()

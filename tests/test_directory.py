@@ -1,6 +1,7 @@
 """The node registry and control channel (`gateway.cluster.Directory`), on both implementations.
 
-The Redis one against a real redis-server; the memory one in-process. The
+The Redis one against a real redis-server and a real Redis Cluster; the
+memory one in-process. The
 operator reads the Redis one through `herald_operator.registry` (tested in
 test_operator_registry.py); these are the promises of the interface itself.
 """
@@ -19,12 +20,14 @@ from gateway.cluster.record import TTL, NodeRecord
 from gateway.cluster.redis import RedisDirectory
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def directory(request: pytest.FixtureRequest) -> AsyncIterator[Directory]:
     if request.param == "memory":
         d: Directory = MemoryDirectory()
     else:
-        d = RedisDirectory(request.getfixturevalue("redis_url"), prefix=f"dir{time.time_ns()}:")
+        url = request.getfixturevalue("redis_url" if request.param == "redis"
+                                      else "redis_cluster_url")
+        d = RedisDirectory(url, prefix=f"dir{time.time_ns()}:")
     await d.start()
     yield d
     await d.close()
@@ -51,7 +54,16 @@ async def test_control_commands_reach_the_named_node_only(directory):
     got: dict[str, list[object]] = {"a": [], "b": []}
     directory.listen("a", got["a"].append)
     directory.listen("b", got["b"].append)
-    await asyncio.sleep(0.2)  # the Redis directory subscribes asynchronously
+    # The Redis directory subscribes asynchronously (on a cluster it reads the
+    # slot map first): probe until a listener registered last hears, which
+    # means the one subscription holding all three is in place.
+    probe: list[object] = []
+    directory.listen("probe", probe.append)
+    for _ in range(100):
+        await directory.send("probe", Drain())
+        await asyncio.sleep(0.05)
+        if probe:
+            break
     await directory.send("a", Shed(2))
     await directory.send("b", Drain())
     for _ in range(100):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from gateway.broker.base import Broker
 from gateway.broker.presence import MemoryPresence, Presence
+from gateway.cluster.connect import is_cluster_url
 from gateway.config import Settings
 
 
 def create_broker(settings: Settings) -> Broker:
     """The engine `settings.broker_engine` names (`HERALD_ENGINE`, else by `HERALD_REDIS_URL`)."""
     if settings.broker_engine == "redis":
-        from gateway.broker.redis import RedisBroker
-
-        return RedisBroker(
+        return redis_engine(
             settings.redis_url,
             prefix=settings.redis_prefix,
             timeout=settings.redis_timeout,
@@ -23,6 +22,25 @@ def create_broker(settings: Settings) -> Broker:
     from gateway.broker.memory import MemoryBroker
 
     return MemoryBroker(idempotency_ttl=settings.idempotency_ttl)
+
+
+def redis_engine(url: str, *, prefix: str = "herald:", **options: float) -> Broker:
+    """The Redis engine for a URL: Redis Cluster for `redis+cluster://` (or
+    `rediss+cluster://`), else one Redis (plain, TLS or Sentinel).
+
+    `options`: timeout, stall_seconds, audit_seconds, idempotency_ttl. The
+    cluster engine takes stall_seconds (for each shard's link) and
+    idempotency_ttl; it checks every master's health itself instead of an audit.
+    """
+    if is_cluster_url(url):
+        from gateway.broker.redis_cluster import RedisClusterBroker
+
+        wanted = ("stall_seconds", "idempotency_ttl")
+        return RedisClusterBroker(url, prefix=prefix,
+                                  **{k: v for k, v in options.items() if k in wanted})
+    from gateway.broker.redis import RedisBroker
+
+    return RedisBroker(url, prefix=prefix, **options)
 
 
 def create_presence(settings: Settings) -> Presence:

@@ -36,30 +36,33 @@ from typing import Any
 import hiredis
 import orjson
 from redis.asyncio.connection import Connection
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.broker.base import Broker, PublishItem
+from gateway.broker.base import PublishItem
 from gateway.broker.redis_pipe import ScriptPipe, bulk
-from gateway.broker.redis_scripts import PUBLISH, READ, Keys
+from gateway.broker.redis_pubsub import read_replies
+from gateway.broker.redis_scripts import PUBLISH, Keys
+from gateway.broker.redis_streams import (
+    IDEMPOTENCY_TTL,
+    OWNER_TTL,
+    RedisStreams,
+    json_str,
+    publication,
+)
 from gateway.broker.subscriptions import Released, SubscriptionTable
-from gateway.cluster.connect import COMMAND_TIMEOUT, connect, describe, unavailable
+from gateway.cluster.connect import COMMAND_TIMEOUT, connect, describe
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable, ProtocolError
-from gateway.protocol.publication import History, Publication, Snapshot, new_epoch
+from gateway.protocol.publication import Publication, new_epoch
 
 log = logging.getLogger("herald.redis")
 
-OWNER_TTL = 7 * 86400
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 # The pub/sub connection is pinged every third of this when idle; silent for
 # this long it is stalled (not ready), for three times this long it is dropped.
 STALL_SECONDS = 3.0
 AUDIT_SECONDS = 30.0
-IDEMPOTENCY_TTL = 600.0
-READ_CHUNK = 256 * 1024
 # Channels whose constant publish-script arguments are kept encoded (cleared when full).
 PARTS_CACHE = 10_000
 _PUBLISH_KEYS = 5
@@ -80,21 +83,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _json_str(value: str) -> str:
-    return orjson.dumps(value).decode()
-
-
-def _decode(entries: list[Any], horizon: float) -> list[Publication]:
-    """Stream entries -> publications, dropping the ones older than the history age."""
-    pubs = []
-    for _id, fields in entries:
-        pub = Publication.from_record(orjson.loads(fields[1]))  # the one field, `r`
-        if pub.time >= horizon:
-            pubs.append(pub)
-    return pubs
-
-
-class RedisBroker(Broker):
+class RedisBroker(RedisStreams):
     def __init__(
         self,
         url: str,
@@ -105,17 +94,14 @@ class RedisBroker(Broker):
         audit_seconds: float = AUDIT_SECONDS,
         idempotency_ttl: float = IDEMPOTENCY_TTL,
     ) -> None:
-        super().__init__()
+        super().__init__(connect(url, timeout), Keys(prefix))
         self.url = url
-        self.keys = Keys(prefix)
         self.timeout = timeout
         self.stall_seconds = stall_seconds
         self.audit_seconds = audit_seconds
         self._idem_ttl = bulk(max(1, int(idempotency_ttl)))
-        self.client = connect(url, timeout)
         self._publish = ScriptPipe(self.client, PUBLISH, _PUBLISH_KEYS, timeout)
         self._parts: dict[str, tuple[Namespace, bytes, bytes, bytes, str]] = {}
-        self._read = self.client.register_script(READ)
         # Channels the hub wants, and their pub/sub state.
         self._subs = SubscriptionTable()
         self._wanted = self._subs.wanted
@@ -164,15 +150,6 @@ class RedisBroker(Broker):
 
     # -- commands ----------------------------------------------------------
 
-    async def ping(self) -> None:
-        await self._cmd(self.client.ping())
-
-    async def _cmd(self, awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise unavailable(exc) from None
-
     async def publish(
         self,
         namespace: Namespace,
@@ -187,7 +164,7 @@ class RedisBroker(Broker):
         # Batched with every other publish of this loop turn (see ScriptPipe).
         item = PublishItem(namespace, channel, event, data, owner, meta, idempotency_key)
         now, reply = self._submit(item)
-        return self._publication(item, now, await reply)
+        return publication(item, now, await reply)
 
     async def publish_many(
         self, items: Sequence[PublishItem]
@@ -197,7 +174,7 @@ class RedisBroker(Broker):
         results: list[Publication | ProtocolError | BrokerUnavailable] = []
         for item, (now, reply) in zip(items, sent, strict=True):
             try:
-                results.append(self._publication(item, now, await reply))
+                results.append(publication(item, now, await reply))
             except (ProtocolError, BrokerUnavailable) as exc:
                 results.append(exc)
         return results
@@ -209,7 +186,7 @@ class RedisBroker(Broker):
         key = item.idempotency_key
         idem = (idem_prefix + key if key is not None else idem_prefix).encode()
         idem_ttl = self._idem_ttl if key is not None else _NO_KEY_TTL
-        event = _json_str(item.event).encode()
+        event = json_str(item.event).encode()
         data = orjson.dumps(item.data)
         stamp = repr(now).encode()
         meta = orjson.dumps(item.meta) if item.meta else b"{}"
@@ -234,7 +211,7 @@ class RedisBroker(Broker):
         head = b"".join(bulk(v) for v in (
             k.meta(channel), k.stream(channel), k.state(channel), k.owner(channel),
         ))
-        where = bulk(k.pubsub(channel)) + bulk(_json_str(channel))
+        where = bulk(k.pubsub(channel)) + bulk(json_str(channel))
         middle = b"".join(bulk(v) for v in (
             namespace.history_size, max(1, int(namespace.history_ttl)),
             "1" if namespace.state else "0",
@@ -244,72 +221,6 @@ class RedisBroker(Broker):
         idem_prefix = k.idempotency(channel, "")
         self._parts[channel] = (namespace, head, where, middle, idem_prefix)
         return head, where, middle, idem_prefix
-
-    @staticmethod
-    def _publication(item: PublishItem, now: float, reply: Any) -> Publication:
-        if isinstance(reply, hiredis.ReplyError):
-            raise BrokerUnavailable(f"publish script failed: {reply}")
-        if reply[0] == b"forbidden":
-            raise ProtocolError("forbidden", f"{item.channel} belongs to another owner")
-        if reply[0] == b"duplicate":
-            epoch, _, offset = reply[1].decode().rpartition(":")
-            return Publication(
-                item.channel, item.event, item.data, epoch, int(offset), now, item.meta or {},
-                duplicate=True,
-            )
-        return Publication(
-            item.channel, item.event, item.data, reply[0].decode(), int(reply[1]), now,
-            item.meta or {},
-        )
-
-    async def _read_channel(
-        self, namespace: Namespace, channel: str, mode: str, since: int, limit: int
-    ) -> list[Any]:
-        k = self.keys
-        return await self._cmd(
-            self._read(
-                keys=[k.meta(channel), k.stream(channel), k.state(channel)],
-                args=[mode, new_epoch(), max(1, int(namespace.history_ttl)), since, limit],
-            )
-        )
-
-    async def history(
-        self, namespace: Namespace, channel: str, since: int | None, limit: int
-    ) -> History:
-        start = -1 if since is None else since
-        epoch, offset, entries = await self._read_channel(
-            namespace, channel, "history", start, limit + 1
-        )
-        offset = int(offset)
-        pubs = _decode(entries, time.time() - namespace.history_ttl)
-        cut = len(pubs) > limit
-        pubs = pubs[:limit]
-        if since is None:
-            complete = not cut
-        else:
-            first = pubs[0].offset if pubs else offset + 1
-            complete = since <= offset and first <= since + 1 and not cut
-        return History(epoch.decode(), offset, pubs, complete)
-
-    async def snapshot(self, namespace: Namespace, channel: str) -> Snapshot:
-        epoch, offset, flat = await self._read_channel(namespace, channel, "state", -1, 0)
-        state = {orjson.loads(flat[i]): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return Snapshot(epoch.decode(), int(offset), state)
-
-    async def owner(self, channel: str) -> str | None:
-        value = await self._cmd(self.client.get(self.keys.owner(channel)))
-        return value.decode() if value is not None else None
-
-    async def register_owner(self, channel: str, owner: str) -> None:
-        key = self.keys.owner(channel)
-        # SET NX first; if someone holds it, it must be the same owner.
-        created = await self._cmd(self.client.set(key, owner, ex=OWNER_TTL, nx=True))
-        if created:
-            return
-        recorded = await self.owner(channel)
-        if recorded is not None and recorded != owner:
-            raise ProtocolError("forbidden", f"{channel} belongs to another owner")
-        await self._cmd(self.client.set(key, owner, ex=OWNER_TTL))
 
     # -- subscriptions (batched) ---------------------------------------------
 
@@ -438,26 +349,8 @@ class RedisBroker(Broker):
         self._flush()  # what was released while connecting
 
     async def _read_chunk(self, conn: Connection) -> list[Any]:
-        """Every complete reply in the next chunk from the socket.
-
-        One await per TCP read, however many messages it holds, instead of
-        one task switch and one timer per message through redis-py's
-        `read_response`: at thousands of publications a second that is most
-        of the per-publication cost. The subscribed connection only ever
-        carries pub/sub replies, so nothing here is another caller's answer.
-        """
-        reader = conn._reader  # redis-py's StreamReader for this connection
-        if reader is None:
-            raise RedisConnectionError("pub/sub connection closed")
-        data = await reader.read(READ_CHUNK)
-        if not data:
-            raise RedisConnectionError("pub/sub connection closed by the server")
-        parser = self._parser
-        parser.feed(data)
-        replies = []
-        while (reply := parser.gets()) is not False:
-            replies.append(reply)
-        return replies
+        """Every complete reply in the next socket chunk (`redis_pubsub.read_replies`)."""
+        return await read_replies(conn, self._parser)
 
     async def _own_id(self, conn: Connection) -> int | None:
         """The connection's CLIENT ID, which the audit looks itself up by (None: not allowed)."""

@@ -10,7 +10,9 @@ so on Redis Cluster one script touches one slot:
     {prefix}{<channel>}:owner   string the job's owner          (7 days)
     {prefix}{<channel>}:idem:<key>  string `epoch:offset` of the publish that
                                 applied idempotency key <key>   (dedupe window)
-    {prefix}pub:<channel>       pub/sub channel carrying the records
+    {prefix}pub:<channel>       pub/sub channel carrying the records (one Redis)
+    {prefix}{<channel>}:pub     sharded pub/sub channel (Redis Cluster: SPUBLISH
+                                from the script must stay in the keys' slot)
 
 The record is built inside the script by concatenation, never by decoding
 the publisher's JSON: numbers survive byte for byte.
@@ -47,6 +49,13 @@ class Keys:
     def pubsub_prefix(self) -> str:
         return f"{self.prefix}pub:"
 
+    def shard_pubsub(self, channel: str) -> str:
+        return f"{self.prefix}{{{channel}}}:pub"
+
+    def shard_channel(self, name: str) -> str:
+        """The channel of a `shard_pubsub` name (the engine only sees its own names)."""
+        return name[len(self.prefix) + 1 : -5]
+
 
 # Shared by both scripts: the channel's epoch, starting a fresh one (and
 # clearing leftovers of an expired one) when the meta hash is gone.
@@ -69,7 +78,7 @@ end
 #       idempotency ttl (0 = no key)
 # -> {epoch, offset} | {'forbidden', owner} | {'duplicate', 'epoch:offset'}
 # (Called with 4 keys and 12 arguments, it publishes without a key, as before.)
-PUBLISH = (
+_PUBLISH = (
     _EPOCH
     + """
 local idem_ttl = tonumber(ARGV[13] or '0')
@@ -102,13 +111,17 @@ if ARGV[9] == '1' then
   redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
   redis.call('EXPIRE', KEYS[3], ttl)
 end
-redis.call('PUBLISH', ARGV[1], record)
+redis.call('{publish}', ARGV[1], record)
 if idem_ttl > 0 then
   redis.call('SET', KEYS[5], epoch .. ':' .. offset, 'EX', idem_ttl)
 end
 return {epoch, offset}
 """
 )
+# One script text, two fan-ins: PUBLISH on one Redis, SPUBLISH (sharded
+# pub/sub, the channel's own slot) on Redis Cluster.
+PUBLISH = _PUBLISH.replace("{publish}", "PUBLISH")
+SPUBLISH = _PUBLISH.replace("{publish}", "SPUBLISH")
 
 # KEYS: meta, stream, state
 # ARGV: mode ('history' | 'state'), epoch candidate, ttl, since (-1 = all), limit
@@ -128,3 +141,31 @@ if since >= 0 then start = (since + 1) .. '-0' end
 return {epoch, offset, redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', tonumber(ARGV[5]))}
 """
 )
+
+# After a shard's master was replaced, did the channel lose publications this
+# gateway already delivered (asynchronous replication)? If the stream ends
+# before the last delivered offset, or holds another publication there, the
+# history is not the one clients saw: a new epoch says so to every client.
+# KEYS: meta, stream
+# ARGV: delivered epoch, delivered offset, its time (as in the record), epoch candidate
+# -> the channel's epoch afterwards
+FENCE = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch or epoch ~= ARGV[1] then
+  return epoch or ''
+end
+local last = tonumber(ARGV[2])
+local lost = tonumber(redis.call('HGET', KEYS[1], 'offset')) < last
+if not lost then
+  local entry = redis.call('XRANGE', KEYS[2], last .. '-1', last .. '-1')
+  if #entry == 1 and not string.find(entry[1][2][2], '"t":' .. ARGV[3] .. ',', 1, true) then
+    lost = true
+  end
+end
+if lost then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[4])
+  redis.call('DEL', KEYS[2])
+  return ARGV[4]
+end
+return epoch
+"""

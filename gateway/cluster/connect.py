@@ -1,8 +1,9 @@
 """Opening a Redis client from a Herald URL, for the engine and the registry alike.
 
 One place for the URL forms (`redis://`, `rediss://` for TLS, ACL users,
-`redis+sentinel://`), timeouts and pool bounds, so the gateway's engine and
-the operator reach Redis the same way.
+`redis+sentinel://`, `redis+cluster://` and `rediss+cluster://`), timeouts
+and pool bounds, so the gateway's engines and the operator reach Redis the
+same way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 from urllib.parse import parse_qs, unquote, urlparse
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.protocol.errors import BrokerUnavailable
@@ -19,14 +22,22 @@ log = logging.getLogger("herald.redis")
 
 COMMAND_TIMEOUT = 5.0
 POOL_SIZE = 64
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
-def connect(url: str, timeout: float = COMMAND_TIMEOUT) -> aioredis.Redis:
-    """A client for `redis://`, `rediss://` (TLS), or `redis+sentinel://`.
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+def connect(url: str, timeout: float = COMMAND_TIMEOUT) -> aioredis.Redis | RedisCluster:
+    """A client for `redis://`, `rediss://` (TLS), `redis+sentinel://`, or a cluster URL.
 
     Sentinel form: `redis+sentinel://[user:password@]host1:port1,host2:port2/<master>[/db]`
     (`?sentinel_password=...` if the sentinels need their own password).
+    Cluster form: see `connect_cluster`.
     """
+    if is_cluster_url(url):
+        return connect_cluster(url, timeout)
     if url.startswith("redis+sentinel://"):
         from redis.asyncio.sentinel import Sentinel
 
@@ -93,3 +104,45 @@ def describe(exc: BaseException) -> str:
         parts.append(f"{type(current).__name__}: {text}" if text else type(current).__name__)
         current = current.__cause__ or current.__context__
     return " <- ".join(parts)
+
+
+def connect_cluster(url: str, timeout: float = COMMAND_TIMEOUT) -> RedisCluster:
+    """A cluster client for `redis+cluster://[user:pass@]host:port,host:port[/?opts]`.
+
+    `rediss+cluster://` speaks TLS; the query takes redis-py's URL options
+    (`ssl_cert_reqs`, `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, ...), as
+    `rediss://` does for one Redis. The hosts are seeds: the client learns
+    the whole cluster (and every later change) from them. redis-py's cluster
+    pools do not block when full, so callers bound their own commands in
+    flight (`POOL_SIZE`); the pools leave room above that for health checks.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a Redis Cluster URL (scheme {parsed.scheme!r})")
+    creds, _, hostlist = parsed.netloc.rpartition("@")
+    seeds = []
+    for item in hostlist.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a Redis Cluster URL lists host:port seeds, not {item!r}")
+        seeds.append(ClusterNode(unquote(host), int(port)))
+    if parsed.path.strip("/"):
+        raise ValueError("Redis Cluster has no databases: drop the /<db> path")
+    # redis-py's own parser for the credentials and the TLS options.
+    single = "rediss://" if parsed.scheme == "rediss+cluster" else "redis://"
+    single += f"{creds}@" if creds else ""
+    single += f"{seeds[0].host}:{seeds[0].port}"
+    single += f"/?{parsed.query}" if parsed.query else ""
+    kwargs = parse_url(single)
+    for key in ("host", "port", "db", "path"):
+        kwargs.pop(key, None)
+    if kwargs.pop("connection_class", None) is SSLConnection:
+        kwargs["ssl"] = True
+    return RedisCluster(
+        startup_nodes=seeds,
+        protocol=2,  # pub/sub replies as plain arrays, which the engines parse
+        max_connections=POOL_SIZE + 8,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        **kwargs,
+    )

@@ -4,6 +4,14 @@ Control commands arrive on a pub/sub connection of their own, opened by
 redis-py and re-opened with backoff when it fails: they are rare, so none
 of the engine's fan-in tuning applies, and a control outage never touches
 delivery.
+
+On a Redis Cluster URL the same keys and commands work: the record write is
+a pipeline redis-py splits per slot, the read an MGET per slot
+(`mget_nonatomic`; a record that expires between the index read and the
+MGET is skipped either way), and control commands are plain PUBLISH, which
+the cluster carries to every node, so the listener may subscribe on any
+node; it re-reads the slot map before each (re)subscribe, so a failed node
+is left behind.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import time
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.cluster import control
 from gateway.cluster.connect import connect, unavailable
@@ -35,13 +44,14 @@ class RedisDirectory(Directory):
     def __init__(self, url: str, *, prefix: str = "herald:") -> None:
         self.keys = RegistryKeys(prefix)
         self.client = connect(url)
+        self._cluster = isinstance(self.client, RedisCluster)
         self._handlers: dict[str, ControlHandler] = {}
         self._listener: asyncio.Task[None] | None = None
 
     async def _cmd(self, awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise unavailable(exc) from None
 
     async def write(self, record: NodeRecord, ttl: float = TTL) -> None:
@@ -65,7 +75,9 @@ class RedisDirectory(Directory):
         ids = await self._cmd(self.client.zrangebyscore(k.nodes, now - TTL, "+inf"))
         if not ids:
             return []
-        values = await self._cmd(self.client.mget([k.node(i.decode()) for i in ids]))
+        keys = [k.node(i.decode()) for i in ids]
+        mget = self.client.mget_nonatomic if self._cluster else self.client.mget
+        values = await self._cmd(mget(keys))
         records = []
         for value in values:
             if value is None:
@@ -99,8 +111,12 @@ class RedisDirectory(Directory):
     async def _listen(self) -> None:
         attempt = 0
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                if self._cluster:
+                    await self.client.initialize()
+                    await self.client.nodes_manager.initialize()
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(*self._handlers)
                 attempt = 0
                 while True:
@@ -109,11 +125,12 @@ class RedisDirectory(Directory):
                         self._deliver(message["channel"].decode(), message["data"])
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("control channel lost: %s; reconnecting", exc)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
             attempt += 1
             await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, 0.1 * 2**attempt)))
 

@@ -324,10 +324,10 @@ class RedisPublisher(Publisher):
         max_publish_bytes: int = 262144,
         idempotency_ttl: float = 600.0,
     ) -> None:
-        from gateway.broker.redis import RedisBroker
+        from gateway.broker import redis_engine
         from gateway.protocol.channels import Namespaces
 
-        self._broker = RedisBroker(redis_url, prefix=prefix, idempotency_ttl=idempotency_ttl)
+        self._broker = redis_engine(redis_url, prefix=prefix, idempotency_ttl=idempotency_ttl)
         self._namespaces = Namespaces.from_config(namespaces)
         self._max_bytes = max_publish_bytes
 
