@@ -219,3 +219,13 @@ async def test_presence_counts_stay_exact_under_200_clients_churning(redis_url, 
 
     await wait_until(settled, timeout=10)
     await asyncio.gather(*(c.close() for i, c in enumerate(clients) if i not in gone))
+
+
+def test_presence_on_redis_cluster_is_refused_at_start_up():
+    from gateway.config import ConfigError
+    from gateway.core.node import Node
+    from tests.conftest import base_settings
+
+    settings = base_settings(redis_url="redis+cluster://127.0.0.1:7000", namespaces=ROOMS)
+    with pytest.raises(ConfigError, match="not supported on Redis Cluster"):
+        Node(settings)

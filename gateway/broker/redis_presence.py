@@ -242,6 +242,8 @@ class RedisPresence(Presence):
                         self._emit(event["k"], channel, Member.from_dict(event["m"]))
             except (RedisError, OSError) as exc:
                 log.warning("presence events connection lost: %s", exc)
+            except Exception:  # a bug must not end join/leave for good: log, start over
+                log.exception("presence events reader failed")
             finally:
                 self._pubsub = None
                 with contextlib.suppress(RedisError, OSError):
