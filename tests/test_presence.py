@@ -19,15 +19,17 @@ from tests.support import http
 from tests.test_cluster import connect, http_json, wait_until
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def make_presence(request, redis_url) -> AsyncIterator[Callable[..., Presence]]:
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def make_presence(request) -> AsyncIterator[Callable[..., Presence]]:
     made: list[Presence] = []
     shared = MemoryPresence()
+    url = {"redis": "redis_url", "cluster": "redis_cluster_url"}.get(request.param)
+    url = request.getfixturevalue(url) if url else ""
 
     async def make(ttl: float = 3.0) -> Presence:
         if request.param == "memory":
             return shared  # one process: every "gateway" shares it
-        p = RedisPresence(redis_connect(redis_url), ttl=ttl)
+        p = RedisPresence(redis_connect(url), ttl=ttl)
         await p.start()
         made.append(p)
         return p
@@ -84,9 +86,11 @@ async def test_a_channel_lists_at_most_its_limit(make_presence):
     assert len(await p.members("room:x")) == 2
 
 
-async def test_a_redis_gateway_that_stops_refreshing_loses_its_members(redis_url):
-    alive = RedisPresence(redis_connect(redis_url), ttl=0.6)
-    dead = RedisPresence(redis_connect(redis_url), ttl=0.6)
+@pytest.mark.parametrize("url_fixture", ["redis_url", "redis_cluster_url"])
+async def test_a_redis_gateway_that_stops_refreshing_loses_its_members(request, url_fixture):
+    url = request.getfixturevalue(url_fixture)
+    alive = RedisPresence(redis_connect(url), ttl=0.6)
+    dead = RedisPresence(redis_connect(url), ttl=0.6)
     await alive.start()
     await dead.start()
     seen = events_of(alive)
@@ -219,13 +223,3 @@ async def test_presence_counts_stay_exact_under_200_clients_churning(redis_url, 
 
     await wait_until(settled, timeout=10)
     await asyncio.gather(*(c.close() for i, c in enumerate(clients) if i not in gone))
-
-
-def test_presence_on_redis_cluster_is_refused_at_start_up():
-    from gateway.config import ConfigError
-    from gateway.core.node import Node
-    from tests.conftest import base_settings
-
-    settings = base_settings(redis_url="redis+cluster://127.0.0.1:7000", namespaces=ROOMS)
-    with pytest.raises(ConfigError, match="not supported on Redis Cluster"):
-        Node(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from gateway.broker.base import Broker
 from gateway.broker.presence import MemoryPresence, Presence
 from gateway.cluster.connect import is_cluster_url
-from gateway.config import ConfigError, Settings
+from gateway.config import Settings
 
 
 def create_broker(settings: Settings) -> Broker:
@@ -46,10 +46,6 @@ def redis_engine(url: str, *, prefix: str = "herald:", **options: float) -> Brok
 def create_presence(settings: Settings) -> Presence:
     """The presence store beside the engine: Redis when the engine is, else in-process."""
     if settings.broker_engine == "redis":
-        if is_cluster_url(settings.redis_url):
-            # Its scripts and events assume one Redis (pipelined scripts, plain
-            # pub/sub): refused at start-up rather than half working.
-            raise ConfigError("presence namespaces are not supported on Redis Cluster yet")
         from gateway.broker.redis_presence import RedisPresence
         from gateway.cluster.connect import connect
 

@@ -15,6 +15,10 @@ last refresh, as long as some gateway still has a subscriber there (a read
 removes them at once regardless). Expiry uses Redis's clock (`TIME`), not
 the gateways', so skewed clocks cannot keep a member alive.
 
+On Redis Cluster the same scripts run in each channel's slot; events are
+plain PUBLISHes, which the cluster carries to every node, so the events
+connection may subscribe on any node.
+
 Join/leave events travel on a pub/sub connection of this class's own,
 subscribed only to the channels local subscribers asked events for, apart
 from the stream's fan-in connection (nothing of the engine's subscribe state
@@ -30,7 +34,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.broker.presence import JOIN, LEAVE, Member, Presence, PresenceUnavailable
 
@@ -40,6 +45,7 @@ DEFAULT_TTL = 15.0
 # Expired members removed per script call at most (the rest go on the next).
 EXPIRE_BATCH = 1000
 RECONNECT_DELAY = 1.0
+REFRESH_CONCURRENCY = 64
 
 # Removes expired members and announces their leave. KEYS: hash, zset; ARGV[1]: events.
 _EXPIRE = """
@@ -100,7 +106,11 @@ return redis.call('HVALS', KEYS[1])
 
 class RedisPresence(Presence):
     def __init__(
-        self, client: aioredis.Redis, *, prefix: str = "herald:", ttl: float = DEFAULT_TTL
+        self,
+        client: aioredis.Redis | RedisCluster,
+        *,
+        prefix: str = "herald:",
+        ttl: float = DEFAULT_TTL,
     ) -> None:
         super().__init__()
         self._client = client
@@ -126,7 +136,7 @@ class RedisPresence(Presence):
     async def _cmd(self, awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise PresenceUnavailable(str(exc) or type(exc).__name__) from None
 
     # -- lifecycle -----------------------------------------------------------
@@ -163,13 +173,11 @@ class RedisPresence(Presence):
         self._limits[channel] = limit
         return True
 
-    def _run_sync(
-        self, channel: str, members: list[Member], limit: int, client: Any = None
-    ) -> Any:
+    def _run_sync(self, channel: str, members: list[Member], limit: int) -> Any:
         args: list[Any] = [self._events(channel), int(self.ttl * 1000), limit]
         for m in members:
             args += [m.client, m.to_record()]
-        return self._sync(keys=self._keys(channel), args=args, client=client)
+        return self._sync(keys=self._keys(channel), args=args)
 
     async def leave(self, channel: str, member: Member) -> None:
         local = self._local.get(channel)
@@ -189,15 +197,16 @@ class RedisPresence(Presence):
         return [Member.from_record(r) for r in records]
 
     async def refresh(self) -> None:
-        """Re-assert every local member (and expire others') in one pipeline."""
+        """Re-assert every local member (and expire others'): one script call per
+        channel, `REFRESH_CONCURRENCY` at a time (on Redis Cluster each goes to
+        its channel's slot)."""
         # A snapshot: joins and leaves may change the dicts while this awaits.
         batch = [(c, list(m.values()), self._limits[c]) for c, m in self._local.items()]
-        if not batch:
-            return
-        async with self._client.pipeline(transaction=False) as pipe:
-            for channel, members, limit in batch:
-                await self._run_sync(channel, members, limit, pipe)
-            await self._cmd(pipe.execute())
+        for start in range(0, len(batch), REFRESH_CONCURRENCY):
+            await self._cmd(asyncio.gather(*(
+                self._run_sync(channel, members, limit)
+                for channel, members, limit in batch[start:start + REFRESH_CONCURRENCY]
+            )))
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -225,8 +234,12 @@ class RedisPresence(Presence):
         subscribe every watched channel again."""
         skip = len(self._prefix) + len("presence:")
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                if isinstance(self._client, RedisCluster):
+                    # A fresh slot map; a plain PUBLISH reaches every node, so any will do.
+                    await self._client.initialize()
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 # Set first: a watch from now on subscribes itself.
                 self._pubsub = pubsub
                 await pubsub.subscribe(
@@ -240,12 +253,13 @@ class RedisPresence(Presence):
                     event = orjson.loads(msg["data"])
                     if event.get("k") in (JOIN, LEAVE):
                         self._emit(event["k"], channel, Member.from_dict(event["m"]))
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("presence events connection lost: %s", exc)
             except Exception:  # a bug must not end join/leave for good: log, start over
                 log.exception("presence events reader failed")
             finally:
                 self._pubsub = None
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
             await asyncio.sleep(RECONNECT_DELAY)
