@@ -49,7 +49,7 @@ from tests.pg import start_postgres
 
 SECRET = "bench-secret-0123456789abcdef0123456789"
 OWNER = "feed-bench"
-BATCH = 500  # the feed's default --batch
+BATCH = 1000  # the feed's default --batch
 JOBS_SQL = """
 CREATE TABLE jobs (id text PRIMARY KEY, user_id text, status text NOT NULL DEFAULT 'queued',
                    progress numeric NOT NULL DEFAULT 0, stage text, message text);

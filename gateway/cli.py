@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the gateway's base URL (HERALD_FEED_URL); the API key is HERALD_API_KEY")
     pg.add_argument("--table", default="jobs", help="the jobs table whose rows map to job:{id}")
     pg.add_argument("--owner-column", default="user_id", help="the column naming the job's owner")
-    pg.add_argument("--batch", type=int, default=500, help="rows per round (1-10000)",
+    pg.add_argument("--batch", type=int, default=1000, help="rows per round (1-10000)",
                     choices=range(1, 10001), metavar="N")
     pg.add_argument("--poll-interval", type=float, default=1.0,
                     help="seconds between polls when no notification comes")

@@ -32,9 +32,11 @@ import logging
 import time
 from typing import Any
 
+import orjson
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg.rows import tuple_row
+from psycopg.types.json import set_json_loads
 
 from gateway.feed.mapping import (
     JobsMapping,
@@ -93,7 +95,7 @@ class FeedMetrics:
 class FeedOptions:
     dsn: str
     mapping: JobsMapping = dataclasses.field(default_factory=JobsMapping)
-    batch: int = 500
+    batch: int = 1000
     poll_interval: float = 1.0
     backoff_max: float = 10.0
 
@@ -140,6 +142,7 @@ class PostgresFeed:
         async with await psycopg.AsyncConnection.connect(
             opts.dsn, autocommit=True, row_factory=tuple_row
         ) as conn:
+            set_json_loads(orjson.loads, conn)  # row_data: the C parser, not json's
             log.info("feed: waiting for the feed lock (another feed may be active)")
             await conn.execute("SELECT pg_advisory_lock(%s)", [LOCK_KEY])
             log.info("feed: active, following herald_outbox")

@@ -646,6 +646,10 @@ export class HeraldClient {
   _request(frame, timeoutMs) {
     return new Promise((resolve, reject) => {
       const req = { frame, resolve, reject, timeoutMs: timeoutMs ?? this.options.requestTimeoutMs, timer: null };
+      if (this.state === "failed") {
+        reject(new HeraldError("failed", "the client gave up (maxAttempts); connect() starts over"));
+        return;
+      }
       if (this._sendRequest(req)) return;
       if (this._queue.length >= this.options.maxQueue) {
         reject(new HeraldError("queue_full", `${this._queue.length} calls already wait for a connection (maxQueue)`));

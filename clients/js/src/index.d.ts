@@ -134,7 +134,8 @@ export interface ClientEvents {
 
 export declare class HeraldClient {
   constructor(options?: HeraldOptions);
-  readonly options: Required<Omit<HeraldOptions, "url" | "token" | "getToken">> & HeraldOptions;
+  /** The options in force: the defaults, then yours. */
+  readonly options: Readonly<HeraldOptions>;
   readonly url: string;
   readonly user: string | null;
   readonly state: ConnectionState;

@@ -120,6 +120,7 @@ test("maxAttempts: after N failed tries the client stops in state `failed` and r
   assert.equal(states.filter((s) => s === "reconnecting").length, 1); // tries 2 and 3 follow it
   await sleep(300);
   assert.equal(c.state, "failed"); // and it stays there
+  assert.equal((await rejection(c.publish("room:1", "e", {}))).code, "failed"); // not queued
 });
 
 test("reconnects counts successful re-connections, not attempts", async () => {
