@@ -41,9 +41,8 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true/false")
 
 
-ENGINES = ("memory", "redis")
-# `herald serve`'s event loop: uvloop when installed (a dependency on Linux), else asyncio's.
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+ENGINES = ("durable", "memory", "redis")
+DURABLE_SYNC = ("normal", "full")
 KNOWN_ENVS = frozenset({"development", "dev", "production", "prod"})
 _POSITIVE = (
     "redis_timeout",
@@ -76,9 +75,13 @@ class Settings:
     port: int = 8080
     env: str = "development"
     node_id: str = ""
-    # Engine: `memory` (embedded, one process) or `redis` (shared by many gateways).
-    # Empty: redis with a URL, else memory.
+    # Engine: `durable` (embedded, kept in state_dir across restarts), `memory`
+    # (embedded, lost on restart) or `redis` (shared by many gateways).
+    # Empty: redis with a URL, else durable.
     engine: str = ""
+    # The durable engine's SQLite `synchronous`: `normal` survives a killed process,
+    # `full` also a power loss (docs/operations.md has the measured cost).
+    durable_sync: str = "normal"
     redis_url: str = ""
     redis_prefix: str = "herald:"
     # Seconds a Redis command (or a subscribe's confirmation) may take before `unavailable`.
@@ -141,7 +144,8 @@ class Settings:
     hook_breaker_cooldown: float = 10.0
     # Redis presence: a member not refreshed by its gateway for this long is gone.
     presence_ttl: float = 15.0
-    # Where development secrets are kept so `herald token` finds them.
+    # Where development secrets (so `herald token` finds them) and the durable engine's
+    # file are kept.
     state_dir: str = ""
     demo: bool = True
     log_level: str = "INFO"
@@ -156,6 +160,8 @@ class Settings:
         if self.engine and self.engine not in ENGINES:
             expected = ", ".join(ENGINES)
             raise ConfigError(f"HERALD_ENGINE={self.engine!r}: expected one of {expected}")
+        if self.durable_sync not in DURABLE_SYNC:
+            raise ConfigError(f"HERALD_DURABLE_SYNC={self.durable_sync!r}: expected normal or full")
         if self.engine == "redis" and not self.redis_url:
             raise ConfigError("HERALD_ENGINE=redis needs HERALD_REDIS_URL")
         if self.engine and self.engine != "redis" and self.redis_url:
@@ -190,8 +196,8 @@ class Settings:
 
     @property
     def broker_engine(self) -> str:
-        """The engine in use: the explicit setting, else redis with a URL, else memory."""
-        return self.engine or ("redis" if self.redis_url else "memory")
+        """The engine in use: the explicit setting, else redis with a URL, else durable."""
+        return self.engine or ("redis" if self.redis_url else "durable")
 
     @property
     def algorithms(self) -> list[str]:

@@ -143,7 +143,8 @@ def start_gateway() -> tuple[subprocess.Popen[bytes], int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
     env.update(HERALD_STATE_DIR=tempfile.mkdtemp(prefix="herald-bench-"),
                HERALD_LOG_LEVEL="WARNING", HERALD_RATE_BURST="1000000", HERALD_DEMO="false",
-               HERALD_IP_CONNECT_RATE="0", HERALD_MAX_CONNECTIONS_PER_USER="0")
+               HERALD_IP_CONNECT_RATE="0", HERALD_MAX_CONNECTIONS_PER_USER="0",
+               HERALD_ENGINE="memory")
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, cwd=HERE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -32,7 +32,7 @@ def start_gateway(port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
     env.update(HERALD_HOST="127.0.0.1", HERALD_PORT=str(port), HERALD_JWT_SECRET=SECRET,
                HERALD_API_KEY=API_KEY, HERALD_DEMO="false", HERALD_LOG_LEVEL="WARNING",
-               HERALD_MAX_SUBSCRIPTIONS="8")
+               HERALD_MAX_SUBSCRIPTIONS="8", HERALD_ENGINE="memory")
     return subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env)
 
 

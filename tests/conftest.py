@@ -46,6 +46,8 @@ def free_port() -> int:
 
 
 def base_settings(**overrides: Any) -> Settings:
+    """In-process gateway settings: the memory engine (or redis with a URL) unless a test
+    asks for another, so no test writes to the user's state directory."""
     settings = Settings(
         host="127.0.0.1",
         port=0,
@@ -55,6 +57,7 @@ def base_settings(**overrides: Any) -> Settings:
         heartbeat=25.0,
         ip_connect_rate=0.0,
     )
+    overrides.setdefault("engine", "redis" if overrides.get("redis_url") else "memory")
     return dataclasses.replace(settings, **overrides)
 
 
@@ -316,6 +319,8 @@ def gateway_env(**overrides: str) -> dict[str, str]:
         HERALD_IP_CONNECT_RATE="0",
     )
     env.update(overrides)
+    # The memory engine unless the test names one (or gives Redis): never the user's state dir.
+    env.setdefault("HERALD_ENGINE", "redis" if env.get("HERALD_REDIS_URL") else "memory")
     return env
 
 
@@ -325,7 +330,7 @@ def spawn_gateway() -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
     def spawn(node_id: str, log_path: Path | None = None, **env: str) -> GatewayProcess:
-        port = free_port()
+        port = int(env.pop("HERALD_PORT", 0)) or free_port()  # a given port: a restart
         gw = GatewayProcess(
             node_id, port, gateway_env(HERALD_PORT=str(port), HERALD_NODE_ID=node_id, **env),
             log_path=log_path,

@@ -1,6 +1,7 @@
 """The `Broker` contract, run against both engines: they must be interchangeable.
 
-The memory engine runs in-process; the Redis engine against a real
+The memory engine runs in-process; the durable engine in-process on a real
+SQLite file in the test's tmp_path; the Redis engine against a real
 redis-server; the Redis Cluster engine against a real 3-master cluster.
 Each test states a promise of the interface.
 """
@@ -13,9 +14,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.broker.base import Broker, PublishItem
+from gateway.broker.durable import DurableBroker
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
 from gateway.broker.redis_cluster import RedisClusterBroker
+from gateway.broker.store import STORE_FILE
 from gateway.protocol.channels import Access, Namespace
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.publication import Publication
@@ -51,10 +54,12 @@ class Recorder:
         await asyncio.wait_for(until(), timeout)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["memory", "durable", "redis", "cluster"])
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Broker, Recorder]]:
     if request.param == "memory":
         broker: Broker = MemoryBroker()
+    elif request.param == "durable":
+        broker = DurableBroker(request.getfixturevalue("tmp_path") / STORE_FILE)
     elif request.param == "redis":
         broker = RedisBroker(request.getfixturevalue("redis_url"))
     else:

@@ -324,7 +324,7 @@ def test_check_config_prints_effective_settings_masked(tmp_path):
 def test_check_config_names_development_secrets_without_creating_them(tmp_path):
     fresh = herald(tmp_path, "check-config")
     assert fresh.returncode == 0, fresh.stderr
-    assert "engine: memory" in fresh.stdout.splitlines()[0]
+    assert "engine: durable" in fresh.stdout.splitlines()[0]
     rows = dict(line.split("=", 1) for line in fresh.stdout.splitlines()[1:])
     note = f"(herald serve generates it into {tmp_path / DEV_SECRETS_FILE})"
     assert rows["HERALD_API_KEY"].strip() == rows["HERALD_JWT_SECRET"].strip() == note
@@ -338,7 +338,8 @@ def test_check_config_names_development_secrets_without_creating_them(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
-        ({"HERALD_ENGINE": "sqlite"}, "HERALD_ENGINE='sqlite': expected one of memory"),
+        ({"HERALD_ENGINE": "sqlite"}, "HERALD_ENGINE='sqlite': expected one of durable, memory"),
+        ({"HERALD_DURABLE_SYNC": "off"}, "HERALD_DURABLE_SYNC='off': expected normal or full"),
         ({"HERALD_ENGINE": "redis"}, "HERALD_ENGINE=redis needs HERALD_REDIS_URL"),
         ({"HERALD_ENGINE": "memory", "HERALD_REDIS_URL": "redis://r"}, "contradicts"),
         ({"HERALD_NAMESPACES": "{oops"}, "HERALD_NAMESPACES is not valid"),
@@ -445,6 +446,13 @@ async def test_herald_serve_end_to_end(tmp_path):
         # The discouraged query-string token works, and is not written to the access log.
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws?token={tok.strip()}") as conn:
             assert orjson.loads(await conn.recv())["type"] == "connected"
+        # A second server on the same state directory would share the durable engine's file.
+        second = await asyncio.to_thread(herald, tmp_path, "serve", "--port", str(free_port()))
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"herald: {tmp_path / 'engine.sqlite3'} is in use by another herald process: give "
+            "this one its own HERALD_STATE_DIR, or HERALD_ENGINE=memory"
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

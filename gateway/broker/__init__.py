@@ -5,7 +5,7 @@ from __future__ import annotations
 from gateway.broker.base import Broker
 from gateway.broker.presence import MemoryPresence, Presence
 from gateway.cluster.connect import is_cluster_url
-from gateway.config import Settings
+from gateway.config import Settings, state_dir
 
 
 def create_broker(settings: Settings) -> Broker:
@@ -19,6 +19,12 @@ def create_broker(settings: Settings) -> Broker:
             audit_seconds=settings.redis_audit_seconds,
             idempotency_ttl=settings.idempotency_ttl,
         )
+    if settings.broker_engine == "durable":
+        from gateway.broker.durable import DurableBroker
+        from gateway.broker.store import STORE_FILE
+
+        return DurableBroker(state_dir(settings) / STORE_FILE, synchronous=settings.durable_sync,
+                             idempotency_ttl=settings.idempotency_ttl)
     from gateway.broker.memory import MemoryBroker
 
     return MemoryBroker(idempotency_ttl=settings.idempotency_ttl)

@@ -4,6 +4,11 @@ Its semantics match the Redis engine's so the same tests hold for both:
 offsets count up by one per publication within an epoch, history is capped
 by size and age, an idle channel expires after its history TTL (and comes
 back with a new epoch), job owners are recorded once.
+
+Every change to a channel or an owner goes through `_changed` /
+`_owner_changed`, and every publication to fan-in through `_fan_in`: no-ops
+here, the write-through points of the durable engine (`durable.py`), which
+keeps these same structures and persists them.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class MemoryBroker(Broker):
                 self._make_room(now)
             stream = _Stream(epoch=new_epoch(), expires=now + namespace.history_ttl)
             self._streams[channel] = stream
+            self._changed(channel)
         return stream
 
     def _make_room(self, now: float) -> None:
@@ -91,6 +97,7 @@ class MemoryBroker(Broker):
             if channel not in self._subscribed or i >= EVICTION_SCAN:
                 break
         del self._streams[channel]
+        self._changed(channel)
         self.evicted += 1
 
     def _sweep(self, now: float) -> None:
@@ -100,19 +107,38 @@ class MemoryBroker(Broker):
         self._last_sweep = now
         for channel in [c for c, s in self._streams.items() if s.expires <= now]:
             del self._streams[channel]
+            self._changed(channel)
         for channel in [c for c, (_, exp) in self._owners.items() if exp <= now]:
             del self._owners[channel]
+            self._owner_changed(channel)
         applied = self._applied
         while applied and next(iter(applied.values()))[2] <= now:
             applied.popitem(last=False)
 
-    def _trim(self, namespace: Namespace, stream: _Stream, now: float) -> None:
+    def _trim(self, namespace: Namespace, channel: str, stream: _Stream, now: float) -> None:
         history = stream.history
+        kept = len(history)
         while len(history) > namespace.history_size:
             history.popleft()
         horizon = now - namespace.history_ttl
         while history and history[0].time < horizon:
             history.popleft()
+        if len(history) != kept:
+            self._changed(channel)
+
+    # -- write-through points (the durable engine overrides them) -------------
+
+    def _changed(self, channel: str) -> None:
+        """A channel's stream was created, appended to, trimmed or dropped."""
+
+    def _owner_changed(self, channel: str) -> None:
+        """A channel's owner was recorded, refreshed or expired."""
+
+    def _fan_in(self, pub: Publication) -> None:
+        """Hand a publication of a subscribed channel to the node."""
+        if pub.channel in self._subscribed:
+            self.messages_in += 1
+            self._on_publication(pub)
 
     async def publish(
         self,
@@ -143,12 +169,11 @@ class MemoryBroker(Broker):
         pub = Publication(channel, event, data, stream.epoch, stream.offset, now, meta or {})
         if namespace.history_size > 0:
             stream.history.append(pub)
-            self._trim(namespace, stream, now)
+            self._trim(namespace, channel, stream, now)
         if namespace.state:
             stream.state[event] = data
-        if channel in self._subscribed:
-            self.messages_in += 1
-            self._on_publication(pub)
+        self._changed(channel)
+        self._fan_in(pub)
         return pub
 
     def _remember(self, channel: str, key: str, epoch: str, offset: int, now: float) -> None:
@@ -169,7 +194,7 @@ class MemoryBroker(Broker):
     ) -> History:
         now = self._clock()
         stream = self._stream(namespace, channel, now)
-        self._trim(namespace, stream, now)
+        self._trim(namespace, channel, stream, now)
         kept = [p for p in stream.history if since is None or p.offset > since]
         first = kept[0].offset if kept else stream.offset + 1
         reaches = since is None or (first <= since + 1 and since <= stream.offset)
@@ -194,3 +219,4 @@ class MemoryBroker(Broker):
         if entry is not None and entry[1] > now and entry[0] != owner:
             raise ProtocolError("forbidden", f"{channel} belongs to another owner")
         self._owners[channel] = (owner, now + OWNER_TTL)
+        self._owner_changed(channel)
