@@ -218,6 +218,8 @@ class Cluster:
             "HERALD_IP_CONNECT_BURST": "1000000",
         }
         env.update(self.extra_env)
+        if env.get("HERALD_ENGINE") in {"memory", "durable"}:
+            del env["HERALD_REDIS_URL"]  # an embedded engine: one gateway, no Redis
         return env
 
     @property

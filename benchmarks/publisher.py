@@ -11,6 +11,8 @@ see `benchmarks.rpc`).
   `RedisPublisher.register_job`.
 - `herald` on a `redis+cluster://` URL: the same script ending in SPUBLISH,
   one bare connection per master, each command sent to its channel's slot.
+- `http`: Herald's HTTP publish API on one gateway, for the embedded engines
+  (memory, durable), which have no Redis to publish into.
 - `sio`: python-socketio's `AsyncRedisManager(write_only=True).emit(..., room=channel)`,
   the way a Socket.IO backend publishes from outside the server, one emit
   after the other (in order, as Herald's pipeline is).
@@ -252,9 +254,77 @@ class SioSink:
             await self.manager.redis.aclose()
 
 
+class HttpSink:
+    """Herald's HTTP API (`POST /api/v1/publish`): the only way into an embedded engine.
+
+    Keep-alive connections, each with its share of a batch pipelined (written
+    at once, answers read in order), so the publisher's own HTTP cost stays a
+    few us per message and the gateway's HTTP handling is what is measured.
+    A gateway answers one connection's requests one after the other, so the
+    connections bound the publishes in flight (each waits for the durable
+    engine's commit): enough of them that the commit is latency, not a cap.
+    """
+
+    CONNECTIONS = 16
+
+    def __init__(self, url: str, api_key: str) -> None:
+        parsed = urlparse(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.auth = f"apikey {api_key}".encode()
+        self.conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def _request(self, path: bytes, body: bytes) -> bytes:
+        return (b"POST %s HTTP/1.1\r\nHost: bench\r\nAuthorization: %s\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (path, self.auth, len(body), body))
+
+    async def setup(self, owners: dict[str, str]) -> None:
+        self.conns = [await asyncio.open_connection(self.host, self.port)
+                      for _ in range(self.CONNECTIONS)]
+        jobs = [self._request(b"/api/v1/jobs", orjson.dumps({"job": job, "owner": owner}))
+                for job, owner in owners.items()]
+        for start in range(0, len(jobs), 100):
+            errors = await self._exchange(self.conns[0], jobs[start:start + 100])
+            if errors:
+                raise RuntimeError(f"registering job owners: {errors} refused")
+
+    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                        requests: list[bytes]) -> int:
+        reader, writer = conn
+        writer.write(b"".join(requests))
+        errors = 0
+        for _ in requests:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors += 1
+            size = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    size = int(line.split(b":", 1)[1])
+            await reader.readexactly(size)
+        return errors
+
+    async def send(self, batch: list[tuple[str, int]]) -> int:
+        shares: list[list[bytes]] = [[] for _ in self.conns]
+        for channel, seq in batch:
+            body = orjson.dumps({"channel": channel, "event": EVENT,
+                                 "data": payload(channel, seq)})
+            # One channel always on one connection: its publications stay in order.
+            shares[hash(channel) % len(self.conns)].append(self._request(b"/api/v1/publish", body))
+        results = await asyncio.gather(*(self._exchange(conn, reqs)
+                                         for conn, reqs in zip(self.conns, shares, strict=True)
+                                         if reqs))
+        return sum(results)
+
+    async def close(self) -> None:
+        for _, writer in self.conns:
+            writer.close()
+        self.conns = []
+
+
 class Publisher:
     def __init__(self) -> None:
-        self.sink: HeraldSink | SioSink | None = None
+        self.sink: HeraldSink | SioSink | HttpSink | None = None
         self.seq: dict[str, int] = {}
 
     async def setup(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +333,8 @@ class Publisher:
         if req["mode"] == "herald":
             sink = HeraldClusterSink if "+cluster://" in req["redis_url"] else HeraldSink
             self.sink = sink(req["redis_url"], req.get("prefix", "herald:"))
+        elif req["mode"] == "http":
+            self.sink = HttpSink(req["url"], req["api_key"])
         else:
             self.sink = SioSink(req["redis_url"])
         await self.sink.setup(req.get("owners") or {})

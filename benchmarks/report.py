@@ -32,7 +32,7 @@ def _gw_wait(step: dict[str, Any]) -> float:
     return gateway_share(step["cpu"], ":wait")
 
 
-def _step_rows(name: str, h: dict[str, Any] | None, s: dict[str, Any] | None,
+def step_rows(name: str, h: dict[str, Any] | None, s: dict[str, Any] | None,
                targets: dict[str, str]) -> list[Row]:
     def pick(fn: Callable[[dict[str, Any]], float]) -> tuple[float | None, float | None]:
         return (fn(h) if h else None, fn(s) if s else None)
@@ -74,14 +74,14 @@ def build(results: dict[str, dict[str, Any]]) -> list[Row]:
         if wl not in results:
             continue
         h, s = results[wl].get("herald"), results[wl].get("sio")
-        rows += _step_rows(f"{label} best (p99<250ms)", h and h["best"], s and s["best"],
+        rows += step_rows(f"{label} best (p99<250ms)", h and h["best"], s and s["best"],
                            {"rate": target, "p99": "< 250"})
         fail_h = h and h["failed_at"] and h["failed_at"]["offered_per_s"]
         fail_s = s and s["failed_at"] and s["failed_at"]["offered_per_s"]
         rows.append((f"{label} first failing offered rate/s", _num(fail_h, ",.0f"),
                      _num(fail_s, ",.0f"), "", ""))
         if wl == "W2":
-            rows += _step_rows("W2 fixed 5,000/s", h and h["fixed"], s and s["fixed"],
+            rows += step_rows("W2 fixed 5,000/s", h and h["fixed"], s and s["fixed"],
                                {"p99": "< 5"})
     if "W3" in results:
         h, s = results["W3"].get("herald"), results["W3"].get("sio")
@@ -119,8 +119,10 @@ def build(results: dict[str, dict[str, Any]]) -> list[Row]:
     return rows
 
 
-def render(rows: list[Row]) -> str:
-    head: Row = ("figure", "herald", "socketio", "herald/sio", "target")
+HEAD: Row = ("figure", "herald", "socketio", "herald/sio", "target")
+
+
+def render(rows: list[Row], head: Row = HEAD) -> str:
     table = [head, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(5)]
     lines = []

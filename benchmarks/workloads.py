@@ -73,11 +73,15 @@ class Bench:
         await asyncio.to_thread(cluster.start, count)
         return cluster
 
+    def publisher_setup(self, system: str, cluster: Cluster) -> dict[str, Any]:
+        """How the publisher reaches the servers: straight into Redis here."""
+        return {"mode": MODES[system], "redis_url": self.redis.url}
+
     async def open(self, system: str, cluster: Cluster, conns: list[dict[str, Any]],
                    owners: dict[str, str] | None = None) -> dict[str, Any]:
-        await self.rig.pub.call("setup", mode=MODES[system], redis_url=self.redis.url,
+        await self.rig.pub.call("setup", **self.publisher_setup(system, cluster),
                                 owners=owners or {})
-        opened = await self.rig.gen.call("open", mode=MODES[system], secret=SECRET,
+        opened = await self.rig.gen.call("open", mode=MODES.get(system, "herald"), secret=SECRET,
                                          ports=cluster.ports, conns=conns)
         self.say(f"  {system}: {opened['opened']} connections in {opened['connect_s']:.1f}s "
                  f"({opened['connects_per_s']:,.0f}/s), {opened['subscriptions']} "
