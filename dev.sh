@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Herald's two commands on a fresh machine (see README):
-#   ./dev.sh serve   - set up the venv and run a gateway on :8080 (memory engine)
+#   ./dev.sh serve   - set up the venv and run a gateway on :8080 (durable embedded engine)
 #   ./dev.sh test    - install what the tests need (redis-server, ...) and run them all
 # Every step is idempotent: a second run only does what is missing.
 set -euo pipefail

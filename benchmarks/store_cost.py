@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.broker.base import Publication
 from gateway.broker.store import Batch, Store
 from gateway.protocol import wire
+from gateway.protocol.publication import Publication
 
 CHANNELS = 1000
 DATA = {"jobId": "123", "status": "processing", "progress": 45, "stage": "inference",

@@ -21,6 +21,7 @@ from tornado.httpclient import AsyncHTTPClient
 from gateway.broker.durable import DurableBroker
 from gateway.broker.store import STORE_FILE, StoreError
 from gateway.protocol.channels import Access, Namespace
+from gateway.protocol.errors import BrokerUnavailable
 from tests.conftest import api_headers, token
 
 JOB = Namespace("job", Access.OWNER, history_size=5, history_ttl=3600, state=True)
@@ -140,7 +141,10 @@ async def test_publications_reach_subscribers_only_once_committed(tmp_path):
             on_disk.append(db.execute(
                 "SELECT max(offset) FROM history WHERE channel = 'user:a'").fetchone()[0])
 
-    broker.set_handlers(on_pub, lambda c, s: None, lambda c: USER)
+    async def resubscribed(channels: list[str]) -> None:
+        return None
+
+    broker.bind(on_pub, resubscribed)
     await broker.start()
     try:
         await broker.subscribe(["user:a"])
@@ -151,6 +155,49 @@ async def test_publications_reach_subscribers_only_once_committed(tmp_path):
         assert broker.commits <= 3
     finally:
         await broker.close()
+
+
+async def test_a_full_disk_turns_the_engine_unready_and_loses_nothing(tmp_path):
+    """SQLite's own page limit makes commits fail for real (SQLITE_FULL): the publish that
+    hit it reports `unavailable` (outcome unknown), new ones are refused, and once space is
+    back the held publication commits and reaches the subscriber, in order."""
+    broker = DurableBroker(tmp_path / STORE_FILE)
+    seen: list[Any] = []
+
+    async def resubscribed(channels: list[str]) -> None:
+        return None
+
+    broker.bind(seen.append, resubscribed)
+    await broker.start()
+    try:
+        await broker.subscribe(["user:a"])
+        await broker.publish(USER, "user:a", "n", {"i": 0})
+        pages = broker._store._conn.execute("PRAGMA page_count").fetchone()[0]
+        broker._store._conn.execute(f"PRAGMA max_page_count={pages}")
+        with pytest.raises(BrokerUnavailable, match="full"):
+            await broker.publish(USER, "user:a", "n", {"i": 1, "pad": "x" * 20000})
+        assert not broker.ready and broker.store_errors == 1
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish(USER, "user:a", "n", {"i": 2})
+        assert [p.data["i"] for p in seen] == [0]  # nothing delivered that is not on disk
+        broker._store._conn.execute("PRAGMA max_page_count=1073741823")
+        for _ in range(100):
+            if broker.ready:
+                break
+            await asyncio.sleep(0.05)
+        assert broker.ready
+        assert [p.data["i"] for p in seen] == [0, 1]
+        nxt = await broker.publish(USER, "user:a", "n", {"i": 2})
+        assert nxt.offset == 3
+    finally:
+        await broker.close()
+    again = DurableBroker(tmp_path / STORE_FILE)
+    await again.start()
+    try:
+        hist = await again.history(USER, "user:a", None, 100)
+        assert [p.data["i"] for p in hist.publications] == [0, 1, 2]
+    finally:
+        await again.close()
 
 
 async def test_a_second_process_on_the_same_file_is_refused(tmp_path):

@@ -215,10 +215,18 @@ class DurableBroker(MemoryBroker):
         if self._inflight is not None or self._next is None:
             return
         assert self._loop is not None and self._writer is not None
-        batch, saved = self._collect()
         deliveries, self._deliveries = self._deliveries, []
         done, self._next = self._next, None
         self._inflight = done
+        dirty, dirty_owners = set(self._dirty), set(self._dirty_owners)
+        try:
+            batch, saved = self._collect()
+        except Exception as exc:  # a row that cannot be encoded: fail loudly, lose nothing
+            log.exception("durable store %s: cannot encode a batch", self.path)
+            self._dirty |= dirty
+            self._dirty_owners |= dirty_owners
+            self._failed(exc, deliveries, done)
+            return
         write = self._loop.run_in_executor(self._writer, self._store.write, batch)
         write.add_done_callback(lambda f: self._written(f, batch, saved, deliveries, done))
 
@@ -289,13 +297,22 @@ class DurableBroker(MemoryBroker):
                 self._flush()  # what arrived while this batch was on the disk
             return
         # Nothing of the batch is on disk: mark it all dirty again, keep the deliveries first.
+        self._dirty.update(batch.streams)
+        self._dirty_owners.update(batch.owners)
+        self._failed(error, deliveries, done)
+
+    def _failed(
+        self,
+        error: BaseException,
+        deliveries: list[Publication],
+        done: asyncio.Future[BaseException | None],
+    ) -> None:
+        self._inflight = None
         self.store_errors += 1
         if self._failure is None:
             log.error("durable store %s: write failed, retrying every %.0fs: %s",
                       self.path, RETRY_SECONDS, error)
         self._failure = error
-        self._dirty.update(batch.streams)
-        self._dirty_owners.update(batch.owners)
         self._deliveries[:0] = deliveries
         done.set_result(error)
         assert self._loop is not None

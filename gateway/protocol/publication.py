@@ -78,6 +78,11 @@ class Publication:
             self._sse = wire.sse_frame(self.json, eid)
         return self._sse
 
+    def to_record(self) -> dict[str, Any]:
+        """Storage form (the durable engine's rows); `from_record` reads it back."""
+        return {"c": self.channel, "e": self.event, "d": self.data, "p": self.epoch,
+                "o": self.offset, "t": self.time, "m": self.meta}
+
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Publication:
         return cls(rec["c"], rec["e"], rec["d"], rec["p"], rec["o"], rec["t"], rec.get("m") or {})
