@@ -43,6 +43,8 @@ def _bool(raw: str) -> bool:
 
 ENGINES = ("durable", "memory", "redis")
 DURABLE_SYNC = ("normal", "full")
+# `herald serve`'s event loop: uvloop when installed (a dependency on Linux), else asyncio's.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 KNOWN_ENVS = frozenset({"development", "dev", "production", "prod"})
 _POSITIVE = (
     "redis_timeout",
