@@ -49,7 +49,7 @@ from gateway.broker.redis_streams import (
     json_str,
     publication,
 )
-from gateway.cluster.connect import COMMAND_TIMEOUT, POOL_SIZE, connect_cluster
+from gateway.cluster.connect import COMMAND_TIMEOUT, LINK_ERRORS, POOL_SIZE, connect_cluster
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable
 from gateway.protocol.publication import Publication, new_epoch
@@ -290,7 +290,7 @@ class RedisClusterBroker(RedisStreams):
             await link.run()
         except asyncio.CancelledError:
             raise
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, TimeoutError, *LINK_ERRORS) as exc:
             log.warning("redis cluster pub/sub to %s lost: %s", node, exc)
         except Exception:
             # Never let a link die quietly: its channels would go silent.

@@ -25,7 +25,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from gateway.broker.batching import Batcher
-from gateway.cluster.connect import unavailable
+from gateway.cluster.connect import LINK_ERRORS, unavailable
 
 MAX_BATCH = 1000
 MAX_BATCH_BYTES = 1024 * 1024
@@ -87,7 +87,7 @@ class ScriptPipe:
                     for i, reply in zip(retry, again, strict=True):
                         replies[i] = reply
                 return replies
-        except (TimeoutError, OSError, RedisError) as exc:
+        except (TimeoutError, RedisError, *LINK_ERRORS) as exc:
             # Outcome unknown for the whole batch: the caller retries (with its
             # idempotency key) or reports `unavailable`.
             await self._drop()

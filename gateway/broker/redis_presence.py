@@ -38,6 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.broker.presence import JOIN, LEAVE, Member, Presence, PresenceUnavailable
+from gateway.cluster.connect import LINK_ERRORS, describe, unavailable
 
 log = logging.getLogger("herald.presence")
 
@@ -136,8 +137,9 @@ class RedisPresence(Presence):
     async def _cmd(self, awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise PresenceUnavailable(str(exc) or type(exc).__name__) from None
+        except (RedisError, RedisClusterException, *LINK_ERRORS) as exc:
+            # Redis's own message names its address: clients get the generic one.
+            raise PresenceUnavailable(str(unavailable(exc))) from None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -253,8 +255,8 @@ class RedisPresence(Presence):
                     event = orjson.loads(msg["data"])
                     if event.get("k") in (JOIN, LEAVE):
                         self._emit(event["k"], channel, Member.from_dict(event["m"]))
-            except (RedisError, RedisClusterException, OSError) as exc:
-                log.warning("presence events connection lost: %s", exc)
+            except (RedisError, RedisClusterException, *LINK_ERRORS) as exc:
+                log.warning("presence events connection lost: %s", describe(exc))
             except Exception:  # a bug must not end join/leave for good: log, start over
                 log.exception("presence events reader failed")
             finally:

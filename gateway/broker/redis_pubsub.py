@@ -35,6 +35,8 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from gateway.cluster.connect import LINK_ERRORS
+
 log = logging.getLogger("herald.redis")
 
 STALL_SECONDS = 3.0
@@ -161,7 +163,7 @@ class PubSubLink:
     async def _send(self, conn: Connection, commands: list[tuple[str, ...]]) -> None:
         try:
             await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        except (RedisError, OSError) as exc:
+        except (RedisError, *LINK_ERRORS) as exc:
             log.warning("%s failed: %s; reconnecting", commands[0][0], exc)
             await conn.disconnect()
 
@@ -248,7 +250,7 @@ class PubSubLink:
             if silent >= interval:
                 try:
                     await conn.send_command("PING", check_health=False)
-                except (RedisError, OSError):
+                except (RedisError, *LINK_ERRORS):
                     await conn.disconnect()
                     return
 

@@ -18,12 +18,10 @@ from typing import Any
 import hiredis
 import orjson
 from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.broker.base import Broker, PublishItem
 from gateway.broker.redis_scripts import READ, Keys
-from gateway.cluster.connect import unavailable
+from gateway.cluster.connect import LINK_ERRORS, unavailable
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.protocol.publication import History, Publication, Snapshot, new_epoch
@@ -35,9 +33,7 @@ IDEMPOTENCY_TTL = 600.0  # default dedupe window (HERALD_IDEMPOTENCY_TTL)
 # (a publisher retries), never a 500. The cluster ones are a failover or a
 # slot move that outlasted redis-py's own redirects and retries.
 UNAVAILABLE = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
+    *LINK_ERRORS,  # uvloop's RuntimeError on a reset connection among them
     ClusterError,
     AskError,
     TryAgainError,

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.protocol.errors import BrokerUnavailable
@@ -23,6 +24,12 @@ log = logging.getLogger("herald.redis")
 COMMAND_TIMEOUT = 5.0
 POOL_SIZE = 64
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# What a Redis call raises when the link fails. RuntimeError is among them:
+# under uvloop, a write to a connection the peer reset ("unable to perform
+# operation on <TCPTransport closed=True>") raises it instead of an OSError,
+# and redis-py passes it on (after dropping the connection); uncaught it was
+# a 500 with a traceback instead of `unavailable`.
+LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
 
 
 def is_cluster_url(url: str) -> bool:

@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.cluster import control
-from gateway.cluster.connect import connect, unavailable
+from gateway.cluster.connect import LINK_ERRORS, connect, describe, unavailable
 from gateway.cluster.directory import ControlHandler, Directory
 from gateway.cluster.keys import RegistryKeys
 from gateway.cluster.record import TTL, NodeRecord
@@ -51,7 +51,7 @@ class RedisDirectory(Directory):
     async def _cmd(self, awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except (RedisError, RedisClusterException, *LINK_ERRORS) as exc:
             raise unavailable(exc) from None
 
     async def write(self, record: NodeRecord, ttl: float = TTL) -> None:
@@ -125,8 +125,8 @@ class RedisDirectory(Directory):
                         self._deliver(message["channel"].decode(), message["data"])
             except asyncio.CancelledError:
                 raise
-            except (RedisError, RedisClusterException, OSError) as exc:
-                log.warning("control channel lost: %s; reconnecting", exc)
+            except (RedisError, RedisClusterException, *LINK_ERRORS) as exc:
+                log.warning("control channel lost: %s; reconnecting", describe(exc))
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
