@@ -24,12 +24,15 @@ import websockets
 from redis.crc import key_slot
 from tornado.httpclient import AsyncHTTPClient
 
+from gateway.broker.presence import Member
 from gateway.broker.redis_cluster import RedisClusterBroker
+from gateway.broker.redis_presence import RedisPresence
 from gateway.broker.redis_scripts import SPUBLISH, Keys
+from gateway.cluster.connect import connect
 from gateway.protocol.channels import Access, Namespace
 from herald_operator.registry import Registry
 from tests.conftest import GatewayProcess, WsClient, api_headers, token
-from tests.redis_cluster import RedisCluster
+from tests.redis_cluster import RedisCluster, command
 
 KEYS = Keys()
 
@@ -361,3 +364,56 @@ async def test_the_operator_reads_a_clustered_fleet_and_sheds_through_it(
         await registry.close()
     for w in watchers:
         await w.close()
+
+
+async def test_a_connect_storm_queues_for_the_cluster_instead_of_failing(
+    redis_cluster_url, spawn_gateway
+):
+    """300 clients at once: more commands than a node's pool holds, all served.
+
+    redis-py's cluster pools fail at once when full instead of waiting; the
+    engine queues its commands, so every client gets its own channel.
+    """
+    gw = spawn_on(spawn_gateway, redis_cluster_url, 1)[0]
+
+    async def one(i: int) -> WsClient:
+        conn = await websockets.connect(
+            gw.ws_url, additional_headers={"Authorization": f"Bearer {token(f's{i}')}"},
+            open_timeout=30,
+        )
+        client = WsClient(conn)
+        await client.expect("connected", 30)
+        await client.expect("subscribed", 30)
+        return client
+
+    clients = await asyncio.gather(*(one(i) for i in range(300)))
+    for client in clients:
+        await client.close()
+
+
+async def test_presence_refreshes_on_a_cluster_even_where_a_master_lacks_its_script(
+    redis_cluster, redis_cluster_url
+):
+    """The cluster client refuses scripts in a pipeline, and cannot load one there either."""
+    presence = RedisPresence(connect(redis_cluster_url), ttl=3.0)
+    other = RedisPresence(connect(redis_cluster_url), ttl=3.0)
+    await presence.start()
+    await other.start()
+    seen: list[tuple[str, str, str]] = []
+    other.bind(lambda kind, channel, m: seen.append((kind, channel, m.client)))
+    try:
+        await other.watch("room:f")
+        # Join/leave events cross the cluster (plain PUBLISH reaches every node).
+        for i in range(100):
+            await presence.join("room:f", Member(f"p-{i}", "probe", 1.0), 10)
+            await asyncio.sleep(0.05)
+            if seen:
+                break
+        assert seen and seen[0][0] == "join"
+        for master in redis_cluster.masters():
+            assert command(master.port, "SCRIPT", "FLUSH") == "OK"
+        await presence.refresh()  # raised before: scripts refused in a cluster pipeline
+        assert "p-0" in {m.client for m in await other.members("room:f")}
+    finally:
+        await presence.close()
+        await other.close()

@@ -38,7 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.broker.presence import JOIN, LEAVE, Member, Presence, PresenceUnavailable
-from gateway.cluster.connect import LINK_ERRORS, describe, unavailable
+from gateway.cluster.connect import LINK_ERRORS, describe, refresh_slots, unavailable
 
 log = logging.getLogger("herald.presence")
 
@@ -238,9 +238,8 @@ class RedisPresence(Presence):
         while True:
             pubsub = None
             try:
-                if isinstance(self._client, RedisCluster):
-                    # A fresh slot map; a plain PUBLISH reaches every node, so any will do.
-                    await self._client.initialize()
+                # A fresh slot map; a plain PUBLISH reaches every node, so any will do.
+                await refresh_slots(self._client)
                 pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 # Set first: a watch from now on subscribes itself.
                 self._pubsub = pubsub

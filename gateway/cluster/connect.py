@@ -153,3 +153,16 @@ def connect_cluster(url: str, timeout: float = COMMAND_TIMEOUT) -> RedisCluster:
         socket_connect_timeout=timeout,
         **kwargs,
     )
+
+
+async def refresh_slots(client: aioredis.Redis | RedisCluster) -> None:
+    """Before opening plain pub/sub on a cluster client: a fresh slot map.
+
+    redis-py's cluster pub/sub picks its node from the client's slot map,
+    which is empty before first use and stale after a failover; a one-node
+    client has nothing to do. (Plain PUBLISH reaches every node of a
+    cluster, so any node serves a listener.)
+    """
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # a no-op once initialised
+        await client.nodes_manager.initialize()

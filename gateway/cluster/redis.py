@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.cluster import control
-from gateway.cluster.connect import LINK_ERRORS, connect, describe, unavailable
+from gateway.cluster.connect import LINK_ERRORS, connect, describe, refresh_slots, unavailable
 from gateway.cluster.directory import ControlHandler, Directory
 from gateway.cluster.keys import RegistryKeys
 from gateway.cluster.record import TTL, NodeRecord
@@ -113,9 +113,7 @@ class RedisDirectory(Directory):
         while True:
             pubsub = None
             try:
-                if self._cluster:
-                    await self.client.initialize()
-                    await self.client.nodes_manager.initialize()
+                await refresh_slots(self.client)
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(*self._handlers)
                 attempt = 0
