@@ -2,10 +2,21 @@
 
 It exists so that `herald serve` with no configuration shows something
 moving at `/`. It publishes through the node like any publisher (the same
-rules, the same terminal-job notifications to `user:demo`), only with the
-embedded memory engine and never in production. It starts when the demo
-page asks for its token and stops by itself once no client has been
-connected for a while, so an idle or test gateway publishes nothing.
+rules, the same terminal-job notifications to `user:demo`), only with an
+embedded engine and never in production. It starts when the demo page asks
+for its token and stops by itself once no client has been connected for a
+while, so an idle or test gateway publishes nothing.
+
+What it publishes follows the conventions of docs/client.md, so a real
+backend can drive the same page: `queue_position` and `eta` on job
+channels, a `job` event on `user:{id}` for each new job, and a flat object
+of figures as `metrics` on `admin:metrics` (the page's admin panel).
+
+Its jobs live in this process. After a restart (the durable engine keeps
+channels and owners, so the page's cards stay valid) the jobs that were
+running are finished as `cancelled` with the reason, found from the
+`job` announcements kept in `user:demo`'s history: a card never shows
+"processing" for a job nobody runs.
 """
 
 from __future__ import annotations
@@ -31,7 +42,11 @@ from gateway.protocol.errors import ProtocolError
 log = logging.getLogger("herald.demo")
 
 DEMO_USER = "demo"
+METRICS_CHANNEL = "admin:metrics"
 IDLE_STOP = 60.0  # seconds without any connection before the worker rests
+QUEUE_MAX = 2  # jobs waiting for a worker slot, beyond those running
+METRICS_EVERY = 2.0
+TERMINAL = ("completed", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,12 @@ class DemoWorker:
         self._numbers = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._waiting: list[str] = []  # job ids in queue order
+        self._running = 0
+        self._step_s = 0.75 / speed  # mean seconds per progress step, for the ETA
+        self.counts = {"completed": 0, "failed": 0, "cancelled": 0}
+        self._recovered = False
 
     @property
     def running(self) -> bool:
@@ -135,6 +156,10 @@ class DemoWorker:
 
     async def _run(self) -> None:
         idle_since: float | None = None
+        last_metrics = 0.0
+        if not self._recovered:
+            self._recovered = True
+            await self._finish_interrupted()
         try:
             while True:
                 now = time.monotonic()
@@ -147,14 +172,72 @@ class DemoWorker:
                 elif now - idle_since > IDLE_STOP:
                     log.info("demo worker: no clients for %.0fs, resting", IDLE_STOP)
                     return
-                if len(self._jobs) < self.concurrency:
+                if len(self._jobs) < self.concurrency + QUEUE_MAX:
                     job = asyncio.ensure_future(self._job())
                     self._jobs.add(job)
                     job.add_done_callback(self._jobs.discard)
+                if now - last_metrics >= METRICS_EVERY:
+                    last_metrics = now
+                    await self._publish(METRICS_CHANNEL, "metrics", self.metrics(), None)
                 await asyncio.sleep(self.rng.uniform(1.0, 2.5) / self.speed)
         finally:
             for job in list(self._jobs):
                 job.cancel()
+
+    def metrics(self) -> dict[str, float]:
+        """The figures of the `admin:metrics` convention: a flat object, name -> number."""
+        stats = self.node.stats()
+        return {
+            "jobs_running": self._running,
+            "jobs_queued": len(self._waiting),
+            "jobs_completed": self.counts["completed"],
+            "jobs_failed": self.counts["failed"],
+            "jobs_cancelled": self.counts["cancelled"],
+            "connections": stats["connections"],
+            "messages_out": stats["messages_out"],
+        }
+
+    async def _finish_interrupted(self) -> None:
+        """Jobs announced before this process started and never finished: cancel them.
+
+        Only an engine that kept them (the durable one) has any; they died
+        with the previous process, so say so instead of leaving them frozen.
+        """
+        try:
+            hist = await self.node.read_history(None, f"user:{self.user}", None, 100)
+        except ProtocolError:
+            return
+        announced = [p.data for p in hist.publications
+                     if p.event == "job" and isinstance(p.data, dict) and p.data.get("jobId")]
+        for data in announced:
+            job_id = str(data["jobId"])
+            channel = f"job:{job_id}"
+            try:
+                state = (await self.node.read_state(None, channel)).state
+            except ProtocolError:
+                continue
+            self.recent.append(job_id)
+            if not state or any(event in state for event in TERMINAL):
+                continue
+            last = state.get("progress") or {}
+            self.counts["cancelled"] += 1
+            await self._publish(channel, "cancelled", {
+                "jobId": job_id, "title": data.get("title"), "status": "cancelled",
+                "progress": last.get("progress", 0), "stage": last.get("stage"),
+                "message": "Stopped: the gateway restarted while this simulated job ran",
+            }, self.user)
+
+    def _eta(self, remaining_steps: float) -> float:
+        return round(remaining_steps * self._step_s, 1)
+
+    async def _queue_updates(self) -> None:
+        """Every waiting job's position (1 = next to start) and a rough ETA."""
+        for position, job_id in enumerate(self._waiting, 1):
+            await self._publish(f"job:{job_id}", "progress", {
+                "jobId": job_id, "status": "queued", "progress": 0, "stage": "queued",
+                "message": f"Waiting for a worker ({position} in line)",
+                "queue_position": position, "eta": self._eta(12 * (1 + position)),
+            }, self.user)
 
     async def _publish(self, channel: str, event: str, data: Any, owner: str | None) -> None:
         try:
@@ -166,27 +249,42 @@ class DemoWorker:
         recipe = self.rng.choice(RECIPES)
         job_id = f"demo-{next(self._numbers)}-{secrets.token_hex(2)}"
         channel = f"job:{job_id}"
-        fail_at = None
-        if self.rng.random() < self.fail_rate:
-            fail_at = self.rng.choice(recipe.failures)
         base = {"jobId": job_id, "title": recipe.title}
         await self.node.register_job(channel, self.user)
         self.recent.append(job_id)
-        await self._publish(
-            channel, "progress",
-            {**base, "status": "queued", "progress": 0, "stage": "queued",
-             "message": "Waiting for a worker"}, self.user,
-        )
-        # Tell the user's page there is a new job to watch.
+        self._waiting.append(job_id)
+        # Tell the user's page there is a new job to watch, then where it stands in line.
         await self._publish(
             f"user:{self.user}", "job", {**base, "kind": "job", "status": "queued"}, None
         )
+        await self._queue_updates()
+        try:
+            async with self._slots:
+                self._waiting.remove(job_id)
+                await self._queue_updates()
+                self._running += 1
+                try:
+                    status = await self._work(recipe, channel, base)
+                finally:
+                    self._running -= 1
+                self.counts[status] += 1
+        finally:
+            if job_id in self._waiting:
+                self._waiting.remove(job_id)
+
+    async def _work(self, recipe: Recipe, channel: str, base: dict[str, Any]) -> str:
+        fail_at = None
+        if self.rng.random() < self.fail_rate:
+            fail_at = self.rng.choice(recipe.failures)
+        plan = [(stage, max(2, int(stage.weight * self.rng.uniform(2.5, 4.0))))
+                for stage in recipe.stages]
+        left = sum(steps for _, steps in plan)
         total = sum(s.weight for s in recipe.stages)
         done = 0.0
-        for stage in recipe.stages:
-            steps = max(2, int(stage.weight * self.rng.uniform(2.5, 4.0)))
+        for stage, steps in plan:
             for step in range(1, steps + 1):
                 await asyncio.sleep(self.rng.uniform(0.4, 1.1) / self.speed)
+                left -= 1
                 fraction = step / steps
                 progress = int(100 * (done + stage.weight * fraction) / total)
                 if fail_at and fail_at[0] == stage.name and fraction >= 0.5:
@@ -195,11 +293,12 @@ class DemoWorker:
                         {**base, "status": "failed", "progress": progress,
                          "stage": stage.name, "message": fail_at[1]}, self.user,
                     )
-                    return
+                    return "failed"
                 await self._publish(
                     channel, "progress",
                     {**base, "status": "processing", "progress": min(progress, 99),
-                     "stage": stage.name, "message": stage.message(fraction, self.rng)},
+                     "stage": stage.name, "message": stage.message(fraction, self.rng),
+                     "eta": self._eta(left)},
                     self.user,
                 )
             done += stage.weight
@@ -208,6 +307,7 @@ class DemoWorker:
             {**base, "status": "completed", "progress": 100, "stage": "done",
              "message": f"{recipe.title} finished"}, self.user,
         )
+        return "completed"
 
 
 _workers: weakref.WeakKeyDictionary[Node, DemoWorker] = weakref.WeakKeyDictionary()
@@ -220,7 +320,8 @@ def demo_enabled(node: Node) -> bool:
 
 
 def worker_for(node: Node) -> DemoWorker | None:
-    """The node's demo worker, started if needed; None unless the engine is embedded."""
+    """The node's demo worker, started if needed; None unless the engine is embedded
+    (memory or durable: with Redis, other processes are the publishers)."""
     if not demo_enabled(node) or not isinstance(node.broker, MemoryBroker):
         return None
     worker = _workers.get(node)

@@ -3,6 +3,7 @@ realistic jobs through the node's own rules (owner, state, terminal notification
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from gateway.demo import DEMO_USER, DemoWorker, stop_worker
@@ -86,3 +87,81 @@ async def test_failing_jobs_say_why(gateway, ws_client):
     assert note["status"] == updates[-1]["status"] == "failed"
     assert note["message"] and note["message"] == updates[-1]["message"]  # the reason
     assert updates[-1]["progress"] < 100
+
+
+async def test_worker_queues_jobs_with_positions_eta_and_publishes_metrics(gateway, ws_client):
+    """The documented conventions, as the page reads them: `queue_position` and `eta` on job
+    channels, a flat object of figures as `metrics` on admin:metrics."""
+    client = await ws_client(gateway, token(DEMO_USER, channels=["admin:metrics"]))
+    assert (await client.request({"type": "subscribe", "channel": "admin:metrics"}))[
+        "type"] == "subscribed"
+    worker = DemoWorker(gateway.node, concurrency=1, speed=20, fail_rate=0.0,
+                        rng=random.Random(3))
+    worker.ensure_running()
+    queued: dict[str, dict] = {}
+    etas: dict[str, list[float]] = {}
+    metrics = None
+    try:
+        for _ in range(400):
+            msg = await client.recv(timeout=10)
+            if msg["type"] == "subscribed":  # a job's state so far: its latest `progress`
+                msg = {"channel": msg["channel"], "event": "progress",
+                       "data": msg.get("state", {}).get("progress") or {"status": "-"}}
+            elif msg["type"] != "message":
+                continue
+            data = msg["data"]
+            if msg["event"] == "job":
+                await client.send({"type": "subscribe", "channel": f"job:{data['jobId']}"})
+            elif msg["channel"] == "admin:metrics":
+                metrics = data
+            elif msg["channel"].startswith("job:") and data["status"] == "queued":
+                queued[data["jobId"]] = data
+            elif msg["channel"].startswith("job:") and data["status"] == "processing":
+                etas.setdefault(data["jobId"], []).append(data["eta"])
+            long_queue = any(q.get("queue_position", 0) >= 2 for q in queued.values())
+            if metrics and long_queue and any(len(e) > 5 for e in etas.values()):
+                break
+    finally:
+        await worker.stop()
+    assert any(q["queue_position"] >= 2 for q in queued.values())
+    assert all(q["eta"] > 0 for q in queued.values() if "queue_position" in q)
+    assert any(e[-1] < e[0] for e in etas.values())  # the estimate shrinks as a job advances
+    assert set(metrics) >= {"jobs_running", "jobs_queued", "jobs_completed", "connections"}
+    assert all(isinstance(v, int | float) for v in metrics.values())
+
+
+async def test_jobs_running_when_the_gateway_stopped_are_cancelled_with_the_reason(tmp_path):
+    """On the durable engine the cards survive a restart; the jobs that were running when
+    the process died are finished as `cancelled`, never left frozen at `processing`."""
+    from gateway.server import start_gateway
+    from tests.conftest import base_settings
+
+    settings = base_settings(engine="durable", state_dir=str(tmp_path))
+    gw = await start_gateway(settings)
+    worker = DemoWorker(gw.node, concurrency=2, speed=20, fail_rate=0.0, rng=random.Random(5))
+    try:
+        worker.ensure_running()
+        for _ in range(200):
+            running = [j for j in worker.recent
+                       if (await gw.node.read_state(None, f"job:{j}")).state.get("progress",
+                                                                               {}).get("status")
+                       == "processing"]
+            if running:
+                break
+            await asyncio.sleep(0.05)
+        assert running
+    finally:
+        await worker.stop()
+        await gw.stop()
+    gw = await start_gateway(settings)
+    try:
+        worker = DemoWorker(gw.node, concurrency=1, speed=1, rng=random.Random(6))
+        await worker._finish_interrupted()
+        for job in running:
+            state = (await gw.node.read_state(None, f"job:{job}")).state
+            assert state["cancelled"]["status"] == "cancelled"
+            assert "gateway restarted" in state["cancelled"]["message"]
+            assert await gw.node.broker.owner(f"job:{job}") == DEMO_USER  # still the demo's
+        assert set(running) <= set(worker.recent)  # the token's job list survives too
+    finally:
+        await gw.stop()

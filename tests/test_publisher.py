@@ -53,6 +53,24 @@ async def test_job_progress_shape_and_owner_may_subscribe(gateway, ws_client, pu
     }
 
 
+async def test_job_progress_carries_queue_position_and_eta(gateway, ws_client, publisher):
+    """The job-channel convention (docs/client.md): `queue_position` while queued, `eta`
+    (seconds left) while running; absent when not given, refused when malformed."""
+    await publisher.register_job("jq", "alice")
+    client = await ws_client(gateway, token("alice"))
+    await client.request({"type": "subscribe", "channel": "job:jq"})
+    await publisher.job_progress("jq", "alice", "queued", 0, queue_position=3, eta=95.5)
+    await publisher.job_progress("jq", "alice", "processing", 40, eta=30)
+    queued, running = await client.expect("message"), await client.expect("message")
+    assert (queued["data"]["queue_position"], queued["data"]["eta"]) == (3, 95.5)
+    assert running["data"]["eta"] == 30 and "queue_position" not in running["data"]
+    for bad in ({"queue_position": 0}, {"queue_position": 1.5}, {"queue_position": True},
+                {"eta": -1}, {"eta": "soon"}):
+        with pytest.raises(PublishError) as err:
+            await publisher.job_progress("jq", "alice", "queued", 0, **bad)
+        assert err.value.code == "bad_request"
+
+
 async def test_terminal_status_also_notifies_owner_user_channel(gateway, ws_client, publisher):
     """`completed` goes to job:{id} and, as a `notification`, to user:{owner}."""
     client = await ws_client(gateway, token("alice"))

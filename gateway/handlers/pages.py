@@ -73,6 +73,8 @@ class DemoTokenHandler(JsonHandler):
             settings.jwt_secret,
             demo.DEMO_USER,
             ttl=DEMO_TOKEN_TTL,
+            # The admin metrics panel's channel, and nothing else of `admin:`.
+            channels=[demo.METRICS_CHANNEL],
             algorithm=next((a for a in settings.algorithms if a.startswith("HS")), "HS256"),
             roles_claim=settings.jwt_roles_claim,
             channels_claim=settings.jwt_channels_claim,
@@ -84,5 +86,6 @@ class DemoTokenHandler(JsonHandler):
                 "expires_in": DEMO_TOKEN_TTL,
                 "jobs": list(worker.recent) if worker else [],
                 "simulated": worker is not None,
+                "metrics": demo.METRICS_CHANNEL,
             }
         )

@@ -129,6 +129,8 @@ class Publisher(abc.ABC):
         stage: str | None = None,
         message: str | None = None,
         *,
+        queue_position: int | None = None,
+        eta: float | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Publish a `progress` event on `job:{job_id}` owned by `user_id`.
@@ -136,18 +138,34 @@ class Publisher(abc.ABC):
         A terminal status (`completed`, `failed`, `cancelled`) is also
         delivered to `user:{user_id}` as a `notification` by the server, so a
         user who closed the job's page still hears how it ended.
+        `queue_position` (1 = next to start) and `eta` (seconds until the job
+        is expected to finish) follow the job-channel convention of
+        docs/client.md; they are sent only when given.
         """
         if not isinstance(status, str) or not status:
             raise PublishError("bad_request", "status must be a non-empty string")
         if isinstance(progress, bool) or not isinstance(progress, int | float):
             raise PublishError("bad_request", "progress must be a number")
-        data = {
+        if queue_position is not None and (
+            isinstance(queue_position, bool) or not isinstance(queue_position, int)
+            or queue_position < 1
+        ):
+            raise PublishError("bad_request", "queue_position must be an integer >= 1")
+        if eta is not None and (
+            isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta < 1e9
+        ):
+            raise PublishError("bad_request", "eta must be a number of seconds >= 0")
+        data: dict[str, Any] = {
             "jobId": job_id,
             "status": status,
             "progress": progress,
             "stage": stage,
             "message": message,
         }
+        if queue_position is not None:
+            data["queue_position"] = queue_position
+        if eta is not None:
+            data["eta"] = eta
         return await self.publish(
             f"job:{job_id}", "progress", data, owner=user_id, idempotency_key=idempotency_key
         )
