@@ -114,6 +114,72 @@ async def test_gateway_restart_shows_reconnecting_and_misses_nothing(
     assert await page.evaluate("window.heraldDemo.client.stats.resets") == 0
 
 
+# A stand-in for the browser's Notification API (headless Chromium shows none): records the
+# permission request and every notification the page creates, so the test sees both.
+FAKE_NOTIFICATION = """
+window.__notify = { asked: 0, shown: [] };
+window.Notification = class {
+  static permission = "default";
+  static requestPermission() {
+    window.__notify.asked += 1; window.Notification.permission = "granted";
+    return Promise.resolve("granted");
+  }
+  constructor(title, options) { window.__notify.shown.push({ title, body: options?.body }); }
+};
+"""
+
+
+async def test_demo_survives_a_restart_on_the_durable_engine(spawn_gateway, tmp_path, page):
+    """The default engine, SIGKILLed under the page: cards are marked stale while it is down,
+    nothing turns into an error afterwards (owners survived), the jobs that were running are
+    finished as cancelled with the reason, and the page's counters and panels tell the truth."""
+    gw = spawn_gateway("gw-durable-demo", HERALD_DEMO="true", HERALD_ENGINE="durable",
+                       HERALD_STATE_DIR=str(tmp_path))
+    await page.add_init_script(FAKE_NOTIFICATION)
+    await page.goto(f"{gw.url}/?{FAST}")
+    await until(page, "document.body.dataset.state === 'connected'")
+    assert await page.evaluate("window.__notify.asked") == 0  # never asked without a click
+    await page.click("#desktop")
+    await until(page, "document.querySelector('#desktop').textContent.includes('on')")
+    assert await page.evaluate("window.__notify.asked") == 1
+    # Jobs in line and running: queue positions and ETAs from the convention.
+    await until(page, """[...document.querySelectorAll('.job .queue')]
+        .some(q => / in line$/.test(q.textContent))""", 30)
+    await until(page, """[...document.querySelectorAll('.job[data-status=processing]')]
+        .some(j => /^about \\d+ (s|min) left$/.test(j.querySelector('.eta').textContent))""", 30)
+    await until(page, "document.querySelector('#metrics dd[data-metric=jobs_running]')", 30)
+    running = await page.evaluate("""[...document.querySelectorAll(
+        '.job[data-status=processing]')].map(j => j.dataset.jobId)""")
+    assert running
+
+    await asyncio.to_thread(gw.stop)  # SIGKILL
+    await until(page, "document.body.dataset.state === 'reconnecting'")
+    stale = await until(page, """[...document.querySelectorAll('.job[data-stale=true]')]
+        .map(j => j.dataset.jobId)""")
+    assert set(running) <= set(stale)
+    note = await page.text_content(f'.job[data-job-id="{running[0]}"] .stale-note')
+    assert note.startswith("Reconnecting, may be out of date")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "demo-reconnecting.png"), full_page=True)
+
+    await asyncio.to_thread(gw.start)  # the same port and state directory
+    await until(page, "document.body.dataset.state === 'connected'", 40)
+    for job in running:  # the jobs the old process was running end, and say why
+        await until(page, f"""document.querySelector('.job[data-job-id="{job}"]')
+            ?.dataset.status === 'cancelled'""", 30)
+    message = await page.text_content(f'.job[data-job-id="{running[0]}"] .message')
+    assert "gateway restarted" in message
+    assert await page.evaluate("document.querySelectorAll('.job[data-error]').length") == 0
+    assert await page.evaluate("document.querySelectorAll('.job[data-stale]').length") == 0
+    assert await page.text_content("#reconnects") == "1"  # one reconnection, however many tries
+    shown = await until(
+        page, f"window.__notify.shown.length >= {len(running)} && window.__notify.shown")
+    assert any("cancelled" in n["title"] for n in shown)
+    await until(page, """[...document.querySelectorAll('.job')].some(j =>
+        !j.dataset.stale && j.dataset.status === 'processing')""", 30)  # new jobs run
+    await page.screenshot(path=str(ARTIFACTS / "demo-after-restart.png"), full_page=True)
+
+
 async def test_lost_history_shows_the_current_state(spawn_gateway, redis_url, page):
     """Redis loses everything while the gateway is down: the page gets `recovered: false`
     and renders the state it is handed, instead of trusting old offsets."""
