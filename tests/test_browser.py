@@ -202,8 +202,8 @@ async def test_lost_history_shows_the_current_state(spawn_gateway, redis_url, pa
         await until(page, """document.querySelector('.job[data-job-id="lost"]')
             .dataset.progress === '70'""")
     assert await page.text_content('.job[data-job-id="lost"] .stage') == "after"
-    # Both channels it follows lost their history: job:lost and user:demo.
-    assert await page.evaluate("window.heraldDemo.client.stats.resets") == 2
+    # Every channel it follows lost its history: job:lost, user:demo and admin:metrics.
+    assert await page.evaluate("window.heraldDemo.client.stats.resets") == 3
     assert await page_offsets(page, "job:lost") == []  # told by state, not by old offsets
 
 
