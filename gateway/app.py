@@ -66,6 +66,7 @@ def make_app(node: Node, **overrides: Any) -> Application:
             (r"/(client\.js)", pages.ClientScriptHandler, static),
             (r"/()", pages.DemoPageHandler, {**deps, **static}),
             (r"/demo/token", pages.DemoTokenHandler, deps),
+            (r"/admin", pages.AdminConsoleHandler, {**deps, **static}),
         ]
     return HeraldApplication(
         routes,

@@ -150,6 +150,8 @@ class Settings:
     # file are kept.
     state_dir: str = ""
     demo: bool = True
+    # The admin console at /admin (it does nothing until the API key is typed into it).
+    admin_console: bool = True
     log_level: str = "INFO"
     # `auto` (uvloop when installed), `uvloop` (required), or `asyncio` (the stock loop).
     event_loop: str = "auto"

@@ -60,6 +60,42 @@ class DemoPageHandler(StaticHandler):
         self.set_header("X-Content-Type-Options", "nosniff")
 
 
+class AdminConsoleHandler(StaticHandler):
+    """`/admin`: the admin console (`HERALD_ADMIN_CONSOLE`), a static page.
+
+    It holds no secret and grants nothing: everything it shows or does goes
+    through the server API with the API key the operator types into it, sent
+    from JavaScript as an `Authorization` header and kept in the page's memory
+    only (never a cookie, never storage). A cross-site form or image cannot
+    add that header, so it cannot act through an operator's open console
+    (CSRF); the headers below keep the page out of frames and its scripts to
+    this origin.
+    """
+
+    def initialize(self, node: Any, path: str) -> None:  # type: ignore[override]
+        super().initialize(path=path)
+        self.node = node
+
+    async def get(self, path: str = "", include_body: bool = True) -> None:
+        if not self.node.settings.admin_console:
+            self.set_status(404)
+            self.set_header("Content-Type", "application/json")
+            self.finish(frames.problem("not_found", "the admin console is off"))
+            return
+        await super().get("admin.html", include_body)
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header(
+            "Content-Security-Policy",
+            "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+            "frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
+        )
+
+
 class DemoTokenHandler(JsonHandler):
     """`GET /demo/token`: a short-lived token for the demo user, and the jobs to watch."""
 
