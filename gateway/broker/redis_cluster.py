@@ -82,6 +82,7 @@ class RedisClusterBroker(RedisStreams):
         self._in_flight = asyncio.Semaphore(POOL_SIZE)
         self._wanted: set[str] = set()
         self._confirm: dict[str, asyncio.Future[None]] = {}
+        self._live: set[str] = set()  # wanted and confirmed on their shard's link
         # Fan-in: one link per shard master (by node name), and where each
         # wanted channel is subscribed; orphans wait for a master.
         self._links: dict[str, PubSubLink] = {}
@@ -220,16 +221,26 @@ class RedisClusterBroker(RedisStreams):
         waits = []
         for channel in channels:
             self._wanted.add(channel)
+            if channel in self._live:
+                continue  # confirmed already
             fut = self._confirm.get(channel)
             if fut is None:
                 fut = self._confirm[channel] = loop.create_future()
                 if channel not in self._placed and channel not in self._orphans:
                     self._place(channel)
             waits.append(fut)
+        if not waits:
+            return
         try:
             await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, waits)), COMMAND_TIMEOUT)
         except TimeoutError:
             raise BrokerUnavailable("redis cluster did not confirm the subscription") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # (An unsubscribe cancelled the confirmation this call waited for.)
+            raise BrokerUnavailable("unsubscribed before redis confirmed it") from None
 
     async def unsubscribe(self, channels: list[str]) -> None:
         for channel in channels:
@@ -239,6 +250,7 @@ class RedisClusterBroker(RedisStreams):
             self._orphans.discard(channel)
             self._held.pop(channel, None)
             self._superseded.pop(channel, None)
+            self._live.discard(channel)
             fut = self._confirm.pop(channel, None)
             if fut is not None and not fut.done():
                 fut.cancel()
@@ -313,8 +325,9 @@ class RedisClusterBroker(RedisStreams):
                 continue
             self._placed.pop(channel, None)
             self._orphans.add(channel)
-            if interrupted and channel not in self._confirm:
+            if interrupted and channel in self._live:
                 self._interrupted.add(channel)  # it was live: the node must close a gap
+            self._live.discard(channel)
         if self._orphans and (self._placer is None or self._placer.done()):
             self._placer = asyncio.create_task(self._run_placer(), name="herald-cluster-placer")
 
@@ -340,6 +353,9 @@ class RedisClusterBroker(RedisStreams):
     def _on_confirmed(self, name: str) -> None:
         channel = self.keys.shard_channel(name)
         self._attempt = 0
+        if channel not in self._wanted:
+            return
+        self._live.add(channel)
         fut = self._confirm.pop(channel, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
