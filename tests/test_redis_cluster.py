@@ -178,15 +178,21 @@ async def settled(watchers: list[Watcher], last: dict[str, tuple[str, int]]) -> 
         pytest.fail(f"clients did not catch up: {behind}")
 
 
-def spawn_on(spawn_gateway: Callable[..., GatewayProcess], url: str, count: int
-             ) -> list[GatewayProcess]:
-    return [spawn_gateway(f"gw-c{i}", HERALD_REDIS_URL=url) for i in range(count)]
+async def spawn_on(spawn_gateway: Callable[..., GatewayProcess], url: str, count: int
+                   ) -> list[GatewayProcess]:
+    """`count` gateways on the cluster, each ready (its engine has the slot map)."""
+    gws = [spawn_gateway(f"gw-c{i}", HERALD_REDIS_URL=url) for i in range(count)]
+    for gw in gws:
+        async def is_ready(gw: GatewayProcess = gw) -> bool:
+            return (await ready(gw))[0] == 200
+        await wait_until(is_ready, timeout=15)
+    return gws
 
 
 async def test_three_gateways_deliver_across_shards_and_each_shard_carries_only_watched_channels(
     redis_cluster, redis_cluster_url, spawn_gateway
 ):
-    gws = spawn_on(spawn_gateway, redis_cluster_url, 3)
+    gws = await spawn_on(spawn_gateway, redis_cluster_url, 3)
     shards = channels_per_shard(redis_cluster, 2, "across")
     every = [c for chans in shards.values() for c in chans]
     watched = every[:-1]  # one channel nobody watches
@@ -227,7 +233,7 @@ async def run_fault(
     `fault(channels of the shard)` makes the fault for the shard's slot.
     Returns the watchers and the channels of the shard that was hit.
     """
-    gws = spawn_on(spawn_gateway, url, 2)
+    gws = await spawn_on(spawn_gateway, url, 2)
     shards = channels_per_shard(redis_cluster, 2, "fault")
     every = [c for chans in shards.values() for c in chans]
     hit = next(iter(shards.values()))
@@ -328,7 +334,7 @@ async def test_a_slot_migrated_mid_publish_loses_nothing_silently(
 
 
 async def test_readyz_reflects_a_dead_shard(redis_cluster, redis_cluster_url, spawn_gateway):
-    gw = spawn_on(spawn_gateway, redis_cluster_url, 1)[0]
+    gw = (await spawn_on(spawn_gateway, redis_cluster_url, 1))[0]
 
     async def is_ready(want: bool) -> bool:
         code, body = await ready(gw)
@@ -345,7 +351,7 @@ async def test_the_operator_reads_a_clustered_fleet_and_sheds_through_it(
     redis_cluster_url, spawn_gateway
 ):
     """Registry and control channel on the cluster: the operator's own reader, real gateways."""
-    gws = spawn_on(spawn_gateway, redis_cluster_url, 2)
+    gws = await spawn_on(spawn_gateway, redis_cluster_url, 2)
     watchers = [await Watcher.connect(gws[0], f"o{i}", []) for i in range(2)]
     registry = Registry(redis_cluster_url, "herald:")
     try:
@@ -374,7 +380,7 @@ async def test_a_connect_storm_queues_for_the_cluster_instead_of_failing(
     redis-py's cluster pools fail at once when full instead of waiting; the
     engine queues its commands, so every client gets its own channel.
     """
-    gw = spawn_on(spawn_gateway, redis_cluster_url, 1)[0]
+    gw = (await spawn_on(spawn_gateway, redis_cluster_url, 1))[0]
 
     async def one(i: int) -> WsClient:
         conn = await websockets.connect(
