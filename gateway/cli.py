@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import os
 import sys
@@ -227,8 +226,6 @@ def cmd_feed_postgres(args: argparse.Namespace) -> None:
     dsn = args.dsn or os.environ.get("HERALD_FEED_DSN")
     if not dsn:
         _fail("no database: set HERALD_FEED_DSN (or --dsn)")
-    from prometheus_client import start_http_server
-
     from gateway.sdk.publisher import HttpPublisher
     from gateway.telemetry.logs import configure_logging
 
@@ -241,18 +238,18 @@ def cmd_feed_postgres(args: argparse.Namespace) -> None:
     options = postgres.FeedOptions(dsn=str(dsn), mapping=mapping, batch=args.batch,
                                    poll_interval=args.poll_interval)
     metrics = postgres.FeedMetrics()
-    if args.metrics_port:
-        try:
-            start_http_server(args.metrics_port, args.metrics_host, registry=metrics.registry)
-        except OSError as exc:
-            _fail(f"metrics port {args.metrics_port}: {exc}")
+    address = (args.metrics_host, args.metrics_port) if args.metrics_port else None
 
     async def run() -> None:
         publisher = HttpPublisher(args.url, settings.api_key)
-        await postgres.run_feed(options, publisher, metrics)
+        await postgres.run_feed(options, publisher, metrics, address)
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    except ConfigError as exc:
+        _fail(exc)
 
 
 def build_parser() -> argparse.ArgumentParser:

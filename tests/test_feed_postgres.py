@@ -331,27 +331,35 @@ async def test_one_active_feed_the_other_takes_over_and_sigterm_stops_cleanly(he
     first = start_feed()
     await until(lambda: sql(database, "SELECT count(*) FROM herald_outbox")[0][0] == 0,
                 what="the first feed active")
-    second = start_feed()  # waits on the advisory lock: a hot standby
-    await until(second.metrics, what="the standby's metrics")
-    lock = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-    await until(lambda: sql(database, waiting)[0][0] == 1, what="the standby waiting")
-    assert sql(database, lock)[0][0] == 1
+    second = start_feed()  # finds the advisory lock taken: a hot standby
+    await until(lambda: _gauge(second, "herald_feed_active", 0), what="the standby up")
+    assert await _gauge(first, "herald_feed_active", 1)
     for n in (1, 2):
         sql(database, "UPDATE jobs SET status = 'processing', progress = %s WHERE id = 's1'", n)
     await until(lambda: sql(database, "SELECT count(*) FROM herald_outbox")[0][0] == 0,
                 what="published by the active feed")
     assert (await second.metrics())['herald_feed_rows_total{outcome="published"}'] == 0
 
-    assert first.proc is not None
+    assert first.proc is not None and second.proc is not None
     first.proc.terminate()  # SIGTERM: the round finishes, the process exits 0
     assert await asyncio.to_thread(first.proc.wait, 20) == 0
+    await until(lambda: _gauge(second, "herald_feed_active", 1), what="the standby took over")
     sql(database, "UPDATE jobs SET status = 'completed', progress = 100 WHERE id = 's1'")
     await until(lambda: sql(database, "SELECT count(*) FROM herald_outbox")[0][0] == 0,
-                what="the standby took over")
+                what="published by the new active feed")
     assert (await second.metrics())['herald_feed_rows_total{outcome="published"}'] == 1
     messages = await history(gw, "job:s1", "dave")
     assert [m["data"]["progress"] for m in messages] == [0, 1, 2, 100]
+
+    third = start_feed()  # a standby hears SIGTERM too
+    await until(lambda: _gauge(third, "herald_feed_active", 0), what="another standby up")
+    assert third.proc is not None
+    third.proc.terminate()
+    assert await asyncio.to_thread(third.proc.wait, 20) == 0
+
+
+async def _gauge(feed: FeedProcess, name: str, value: float) -> bool:
+    return (await feed.metrics()).get(name) == value
 
 
 async def test_database_restart_the_feed_reconnects_and_goes_on(tmp_path):

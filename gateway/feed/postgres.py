@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_loads
 
+from gateway.config import ConfigError
 from gateway.feed.mapping import (
     JobsMapping,
     JobUpdate,
@@ -87,6 +88,10 @@ class FeedMetrics:
         self.last_lag = Gauge(
             "herald_feed_last_lag_seconds", "Lag of the last row published", registry=self.registry
         )
+        self.active = Gauge(
+            "herald_feed_active", "1 while this feed holds the lock and follows the outbox, "
+            "0 while it waits as a standby (or for the database)", registry=self.registry,
+        )
         for outcome in ("published", "duplicate", "skipped"):
             self.rows.labels(outcome)
 
@@ -98,6 +103,7 @@ class FeedOptions:
     batch: int = 1000
     poll_interval: float = 1.0
     backoff_max: float = 10.0
+    standby_interval: float = 1.0  # how often a standby tries to take the lock
 
 
 @dataclasses.dataclass
@@ -118,6 +124,7 @@ class PostgresFeed:
         self.metrics = metrics or FeedMetrics()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._failures = 0  # database failures in a row (backoff)
 
     def stop(self) -> None:
         self._stop.set()
@@ -125,15 +132,15 @@ class PostgresFeed:
 
     async def run(self) -> None:
         """Follow the outbox until `stop()`; database outages are retried with backoff."""
-        failures = 0
         while not self._stop.is_set():
             try:
                 await self._session()
                 return
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self.metrics.active.set(0)
                 self.metrics.errors.labels("database").inc()
-                failures += 1
-                delay = min(self.options.backoff_max, 0.2 * 2 ** min(failures, 10))
+                self._failures += 1
+                delay = min(self.options.backoff_max, 0.2 * 2 ** min(self._failures, 10))
                 log.warning("feed: database unavailable (%s); retrying in %.1f s", exc, delay)
                 await self._sleep(delay)
 
@@ -143,8 +150,10 @@ class PostgresFeed:
             opts.dsn, autocommit=True, row_factory=tuple_row
         ) as conn:
             set_json_loads(orjson.loads, conn)  # row_data: the C parser, not json's
-            log.info("feed: waiting for the feed lock (another feed may be active)")
-            await conn.execute("SELECT pg_advisory_lock(%s)", [LOCK_KEY])
+            if not await self._take_lock(conn):
+                return  # stopped while a standby
+            self._failures = 0
+            self.metrics.active.set(1)
             log.info("feed: active, following herald_outbox")
             listener = asyncio.create_task(self._listen())
             try:
@@ -161,9 +170,29 @@ class PostgresFeed:
                     else:
                         backoff = 0
             finally:
+                self.metrics.active.set(0)
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await listener
+
+    async def _take_lock(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Become the active feed (True), or wait as a standby until stopped (False).
+
+        A try-lock in a loop rather than a blocking `pg_advisory_lock`: a
+        standby must still hear SIGTERM. The lock is the session's, so it goes
+        when the active feed's connection does (exit, crash, SIGKILL).
+        """
+        waiting = False
+        while not self._stop.is_set():
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                return True
+            if not waiting:
+                log.info("feed: another feed is active; standing by")
+                waiting = True
+            await self._sleep(self.options.standby_interval)
+        return False
 
     async def _listen(self) -> None:
         """Set the wake event on every outbox notification (a separate connection)."""
@@ -246,14 +275,32 @@ class PostgresFeed:
         outcome.dead.append((row.id, reason[:1000]))
 
 
-async def run_feed(options: FeedOptions, publisher: Publisher, metrics: FeedMetrics) -> None:
-    """Run until SIGTERM/SIGINT (a clean stop: the current round finishes first)."""
+async def run_feed(
+    options: FeedOptions,
+    publisher: Publisher,
+    metrics: FeedMetrics,
+    metrics_address: tuple[str, int] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (a clean stop: the current round finishes first).
+
+    The metrics server starts once the signal handlers are in place, so a
+    process that answers /metrics also stops cleanly on SIGTERM. Raises
+    ConfigError when the metrics port cannot be bound.
+    """
     import signal
+
+    from prometheus_client import start_http_server
 
     feed = PostgresFeed(options, publisher, metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, feed.stop)
+    if metrics_address is not None:
+        host, port = metrics_address
+        try:
+            start_http_server(port, host, registry=metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"metrics port {port}: {exc}") from None
     try:
         await feed.run()
     finally:
