@@ -3,7 +3,9 @@
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { once } from "node:events";
+import { mkdtempSync, rmSync } from "node:fs";
 import { createServer, connect } from "node:net";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -42,12 +44,20 @@ async function portOpen(port) {
   });
 }
 
+// Each gateway keeps its durable store in a state directory of its own (one
+// herald process per store: a second one on the same file is refused), kept
+// across its own restarts and removed when the test process exits.
+const stateDirs = [];
+process.on("exit", () => { for (const dir of stateDirs) rmSync(dir, { recursive: true, force: true }); });
+
 export class Gateway {
   constructor(port, env = {}) {
     this.port = port;
     this.url = `http://127.0.0.1:${port}`;
     this.env = env;
     this.proc = null;
+    this.stateDir = mkdtempSync(join(tmpdir(), "herald-node-test-"));
+    stateDirs.push(this.stateDir);
   }
 
   static async start(env = {}) {
@@ -66,6 +76,7 @@ export class Gateway {
       HERALD_DEMO: "false",
       HERALD_LOG_LEVEL: "WARNING",
       HERALD_IP_CONNECT_RATE: "0",
+      HERALD_STATE_DIR: this.stateDir,
       ...this.env,
     });
     this.proc = spawn(HERALD, ["serve"], { env, stdio: ["ignore", "ignore", process.env.HERALD_TEST_GATEWAY_LOGS ? "inherit" : "ignore"] });
