@@ -56,6 +56,20 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_for_one_trial()
     assert b.state == "closed" and b.allow() and b.allow()
 
 
+def test_an_abandoned_call_counts_no_failure_and_frees_the_trial():
+    clock = Clock()
+    b = Breaker(2, 10.0, clock)
+    assert b.allow()
+    b.abandoned()  # a caller cancelled in the closed state: nothing about the backend
+    assert b.failures == 0 and b.state == "closed"
+    b.failure()
+    b.failure()
+    clock.now += 10.1
+    assert b.allow() and not b.allow()  # the trial is out
+    b.abandoned()
+    assert b.state == "half_open" and b.allow()  # the next call may be the trial
+
+
 @pytest.mark.parametrize(
     ("status", "body", "outcome"),
     [
@@ -172,4 +186,34 @@ async def test_the_circuit_opens_after_failures_and_closes_after_a_good_trial(ba
     backend.on("rpc", Accept("back"))
     assert await hooks.call("rpc", {"method": "m"}) == "back"
     assert hooks.breaker_state("rpc") == "closed"
+    hooks.close()
+
+
+async def test_a_reply_over_the_bound_is_malformed(backend):
+    from gateway.core.hooks import MAX_REPLY_BYTES
+
+    hooks = Hooks(base_settings(**backend.settings()), Metrics())
+    backend.on("rpc", Accept("x" * (MAX_REPLY_BYTES + 10)))
+    with pytest.raises(HookFailed) as err:
+        await hooks.call("rpc", {"method": "m"})
+    assert err.value.outcome == "malformed" and "over" in err.value.message
+    hooks.close()
+
+
+async def test_a_cancelled_call_does_not_leave_the_breaker_half_open_for_good(backend):
+    hooks = Hooks(base_settings(**backend.settings(hook_breaker_failures=1,
+                                                   hook_breaker_cooldown=0.1)), Metrics())
+    backend.on("rpc", Status(500))
+    with pytest.raises(HookFailed):
+        await hooks.call("rpc", {"method": "m"})
+    await asyncio.sleep(0.15)  # half-open: the next call is the trial
+    backend.on("rpc", Delay(5.0))
+    trial = asyncio.create_task(hooks.call("rpc", {"method": "m"}))
+    await asyncio.sleep(0.1)
+    trial.cancel()  # the caller went away mid-trial
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    await asyncio.sleep(0.15)
+    backend.on("rpc", Accept("ok"))
+    assert await hooks.call("rpc", {"method": "m"}) == "ok"  # a new trial was allowed
     hooks.close()

@@ -91,6 +91,12 @@ class Breaker:
         self.opened_at = None
         self._trial = False
 
+    def abandoned(self) -> None:
+        """A call ended without an answer either way (its caller was cancelled): it
+        says nothing about the backend, but a half-open trial slot is freed so the
+        next call can be the trial."""
+        self._trial = False
+
     def failure(self) -> None:
         self._trial = False
         self.failures += 1
@@ -215,12 +221,13 @@ class Hooks:
         so, and a failure for the breaker.
         """
         h = self._hooks[hook]
-        if not h.breaker.allow():
-            return self._count(hook, CIRCUIT_OPEN, HookFailed(hook, CIRCUIT_OPEN, "circuit open"))
+        # The bound first: a half-open breaker's one trial must be a call that goes out.
         if h.in_flight >= self._settings.hook_concurrency:
             return self._count(
                 hook, OVERLOADED, HookFailed(hook, OVERLOADED, "overloaded: too many calls")
             )
+        if not h.breaker.allow():
+            return self._count(hook, CIRCUIT_OPEN, HookFailed(hook, CIRCUIT_OPEN, "circuit open"))
         h.in_flight += 1
         started = time.perf_counter()
         try:
@@ -233,6 +240,9 @@ class Hooks:
         except ProtocolError as exc:
             h.breaker.success()  # the backend answered: it is up
             return self._count(hook, REJECTED, exc)
+        except BaseException:
+            h.breaker.abandoned()  # cancelled: never leave a half-open trial pending
+            raise
         finally:
             h.in_flight -= 1
             self._metrics.hook_duration.labels(hook).observe(time.perf_counter() - started)
@@ -298,4 +308,6 @@ def _transport_failure(hook: str, exc: BaseException | None) -> HookFailed:
     text = str(exc or "")
     if "Timeout" in text or "timed out" in text.lower():
         return HookFailed(hook, TIMEOUT, "timed out")
+    if "Maximum file size" in text:  # libcurl's MAXFILESIZE (_limit_reply)
+        return HookFailed(hook, MALFORMED, f"reply over {MAX_REPLY_BYTES} bytes")
     return HookFailed(hook, ERROR, f"unreachable: {text or 'connection failed'}")
