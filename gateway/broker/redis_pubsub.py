@@ -205,12 +205,6 @@ class PubSubLink:
     def _is_message(self, reply: Any) -> bool:
         return isinstance(reply, list) and reply[0] == self._message
 
-    async def close(self) -> None:
-        conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-
     async def _read_chunk(self, conn: Connection) -> list[Any]:
         return await read_replies(conn, self._parser)
 
