@@ -66,13 +66,21 @@ class Outbox:
         return self._queued_bytes + len(self._stream._write_buffer)  # no public accessor
 
     def send(self, frame: bytes, pub: Publication | None = None) -> bool:
-        """Send one frame (of `pub`, if it is a publication); False if the connection is done."""
-        if self.closed or self._stream.closed():
-            return False
+        """Send one frame (of `pub`, if it is a publication); False if the connection is done.
+
+        The fan-out's hot path, once per delivery: the common case (nothing
+        queued, the socket's buffer empty) is a few attribute reads and one
+        `send` system call.
+        """
         stream = self._stream
-        if self._queue:
-            return self._enqueue(frame, pub)
-        pending = len(stream._write_buffer)
+        if self._queue or self.closed:
+            return not (self.closed or stream._closed) and self._enqueue(frame, pub)
+        # Tornado drops the buffer when the stream closes; its size without
+        # the method call of len() (no public accessor for either).
+        buffer = stream._write_buffer
+        if buffer is None or stream._closed:
+            return False
+        pending = buffer._size
         if pending == 0 and self._raw:
             # Nothing queued anywhere: hand the bytes to the kernel ourselves,
             # skipping IOStream's per-write Future. Whatever the kernel does

@@ -15,12 +15,20 @@ import orjson
 
 from gateway.protocol.errors import ProtocolError
 
+# The formatted second of the last timestamp: publications come many per second,
+# and `strftime(gmtime())` is most of the cost of formatting one.
+_second: tuple[int, str] = (-1, "")
+
 
 def now_iso(ts: float | None = None) -> str:
     """RFC 3339 UTC with milliseconds, as in the protocol's examples."""
+    global _second
     ts = time.time() if ts is None else ts
     whole = int(ts)
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    cached, seconds = _second
+    if cached != whole:
+        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, seconds)
     return f"{seconds}.{int((ts - whole) * 1000):03d}Z"
 
 
