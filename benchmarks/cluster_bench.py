@@ -6,11 +6,12 @@
 Starts its own redis-server on a free loopback port, then for each workload
 (W1 broadcast, W2 job fan-out, W3 idle, two gateways with disjoint
 channels) starts fresh servers pinned to core 0 (`taskset -c 0`) — Herald
-gateways (`python -m gateway serve`), then python-socketio servers — and
-drives both with the same generator (`benchmarks.loadgen`, picows on
-uvloop) and publisher (`benchmarks.publisher`), each in its own process on
-core 1. Prints each step as it goes and a final table with every figure
-for Herald, for python-socketio, and their ratio. A measurement, never a
+gateways (`python -m gateway serve`), then python-socketio servers, then
+bare Tornado servers (`benchmarks.tornado_server`) — and drives all with
+the same generator (`benchmarks.loadgen`, picows on uvloop) and publisher
+(`benchmarks.publisher`), each in its own process on core 1. Prints each
+step as it goes and a final table with every figure for each system and
+Herald's ratio to each baseline. A measurement, never a
 test: nothing is asserted and it exits 0 when it ran to the end.
 """
 
@@ -34,7 +35,7 @@ from benchmarks.steps import Rig
 from benchmarks.workloads import Bench, Sizes, load_note
 
 WORKLOADS = ("w1", "w2", "w3", "pair")
-SYSTEMS = ("herald", "sio")
+SYSTEMS = ("herald", "sio", "tornado")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads to run (default {','.join(WORKLOADS)})")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help="herald, sio or both (default both)")
+                        help="comma-separated: herald, sio, tornado (default all three)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="also sample the gateway with py-spy at W1/W2's best rate")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--only: unknown workloads {sorted(unknown)}")
     if set(args.systems.split(",")) - set(SYSTEMS):
-        parser.error("--systems: herald and/or sio")
+        parser.error("--systems: herald, sio and/or tornado")
     if args.gateways < 1:
         parser.error("--gateways must be >= 1")
     return args

@@ -90,7 +90,8 @@ def table(results: dict[str, Any]) -> str:
     for name in [n for n in results if n != "memory"]:
         rows = []
         for label, key in (("W2 best (p99<250ms)", "best"), ("W2 fixed 5,000/s", "fixed")):
-            rows += [r for r in report.step_rows(label, results[name][key], base[key], {})
+            steps = {name: results[name][key], "memory": base[key]}
+            rows += [r for r in report.step_rows(label, steps, {}, systems=(name, "memory"))
                      if "from Redis" not in r[0]]
         out.append(report.render(rows, head=("figure", name, "memory", f"{name}/memory", "")))
     return "\n\n".join(out)

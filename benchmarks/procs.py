@@ -176,7 +176,7 @@ def _spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> subproc
 class Cluster:
     """N servers of one system (Herald gateways or Socket.IO servers) on one Redis."""
 
-    system: str  # "herald" | "sio"
+    system: str  # "herald" | "sio" | "tornado"
     redis: Redis
     logdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -194,7 +194,8 @@ class Cluster:
             else:
                 env.update(BENCH_PORT=str(port), BENCH_REDIS_URL=self.redis.url,
                            BENCH_SECRET=SECRET)
-                module, ready = "benchmarks.sio_server", "/readyz"
+                module = f"benchmarks.{self.system}_server"
+                ready = "/readyz"
             popen = _spawn(name, module, env, self.logdir)
             proc = Proc(name, port, popen, self.logdir / f"{name}.log")
             self.servers.append(proc)

@@ -135,8 +135,10 @@ class HeraldSink:
         if owners:
             pub = RedisPublisher(self.url, prefix=self.keys.prefix)
             try:
-                for job, owner in owners.items():
-                    await pub.register_job(job, owner)
+                pending = list(owners.items())
+                for start in range(0, len(pending), 50):  # 50 at a time: the pool's size
+                    await asyncio.gather(*(pub.register_job(job, owner)
+                                           for job, owner in pending[start:start + 50]))
             finally:
                 await pub.close()
         self.resp = await Resp.connect(self.url)

@@ -94,6 +94,7 @@ async def run_step(
     cpu1, t1 = cpu_snapshot(pids), time.time()
     in1 = await asyncio.to_thread(cluster.messages_in)
     s = await rig.gen.call("summary")
+    gw_cpu = gateway_share(cpu1) - gateway_share(cpu0)  # seconds, all gateways
     # Deliveries over the time they took: from the first publish to the last delivery.
     span = max((s["last_at"] or t1) - pub["start"], 1e-9)
     step = {
@@ -117,7 +118,12 @@ async def run_step(
         "cpu": cpu_percent(cpu0, cpu1, t1 - t0),
         # Deliveries per second of gateway CPU: what one core of its own would
         # carry at this load, a figure the neighbours on a shared machine barely move.
-        "per_gateway_cpu_s": s["received"] / max(gateway_share(cpu1) - gateway_share(cpu0), 1e-9),
+        "per_gateway_cpu_s": s["received"] / max(gw_cpu, 1e-9),
+        # Gateway CPU per delivery and per publication read from Redis (every
+        # gateway reads each publication of a channel its clients watch).
+        "us_per_delivery": 1e6 * gw_cpu / max(s["received"], 1),
+        "us_per_publication": 1e6 * gw_cpu / max(sum(b - a for a, b in zip(in0, in1,
+                                                                           strict=True)), 1),
         "messages_in": [b - a for a, b in zip(in0, in1, strict=True)],
     }
     step["passed"] = passed(step)
@@ -138,7 +144,9 @@ def describe(step: dict[str, Any]) -> str:
         f"p50 {step['p50_ms']:7.1f} p99 {step['p99_ms']:7.1f} max {step['max_ms']:7.1f} ms "
         f"lost {step['lost']} closes {sum(step['closes'].values())} "
         f"(published {step['publish_rate']:,.0f}/s) | "
-        f"{step['per_gateway_cpu_s']:,.0f}/gateway-CPU-s | cpu% gw {gw} "
+        f"{step['per_gateway_cpu_s']:,.0f}/gateway-CPU-s "
+        f"({step['us_per_delivery']:.1f} us/delivery, "
+        f"{step['us_per_publication']:.1f} us/publication) | cpu% gw {gw} "
         f"(waiting for a CPU {gateway_share(cpu, ':wait'):.0f}) "
         f"gen {cpu['generator']:.0f} (waiting {cpu['generator:wait']:.0f}) "
         f"pub {cpu['publisher']:.0f} redis {cpu['redis']:.0f}"

@@ -24,7 +24,8 @@ from benchmarks import profile
 from benchmarks.procs import SECRET, Cluster, Redis, rss_kib
 from benchmarks.steps import Rig, cpu_snapshot, describe, gateway_share, run_step, settle
 
-MODES = {"herald": "herald", "sio": "sio"}
+# Generator framing and publisher per system: the bare Tornado server speaks Herald's.
+MODES = {"herald": "herald", "sio": "sio", "tornado": "herald"}
 
 
 @dataclass
@@ -180,12 +181,15 @@ class Bench:
         n = self.sizes.w3_conns
         self.say(f"W3 idle: {system}, {n} connections")
         cluster = await self.cluster(system, self.gateways)
-        conns = [{"u": f"w3-{i}", "g": i % self.gateways, "c": []} for i in range(n)]
+        # Each connection: its automatic `user:` channel and one job channel of its own.
+        conns = [{"u": f"w3-{i}", "g": i % self.gateways, "c": [f"job:w3-{i}"]}
+                 for i in range(n)]
+        owners = {f"w3-{i}": f"w3-{i}" for i in range(n)}
         try:
             await asyncio.sleep(1)
             before = [rss_kib(pid) for pid in cluster.pids]
             cpu0 = self.rig_cpu(cluster)
-            opened = await self.open(system, cluster, conns)
+            opened = await self.open(system, cluster, conns, owners)
             cpu1 = self.rig_cpu(cluster)
             gw_cpu_s = gateway_share(cpu1) - gateway_share(cpu0)
             await asyncio.sleep(2)
