@@ -13,6 +13,7 @@ import socket
 import orjson
 import pytest
 
+from gateway.broker.base import PublishItem
 from gateway.sdk.publisher import HttpPublisher, PublishError, RedisPublisher
 from tests.conftest import API_KEY, api_headers, free_port, token
 from tests.support import http, register_job
@@ -89,7 +90,7 @@ async def test_redis_publisher_batches_concurrent_publishes_in_call_order(redis_
     async with RedisPublisher(redis_url) as pub:
         calls = [pub.publish(f"user:r{i % 4}", "n", {"seq": i}) for i in range(400)]
         results = await asyncio.gather(*calls)
-        batches, items = pub._broker._publish.stats
+        batches, items = pub._broker._pipe.stats
         # More than one call per round trip: the 400 calls went out in a few batches.
         assert items == 400 and batches < 20, (batches, items)
         for c in range(4):
@@ -186,3 +187,31 @@ async def test_http_batch_on_the_memory_engine(gateway):
     assert status == 200
     assert [r["offset"] for r in reply["results"]] == [1, 2, 3]
     assert orjson.dumps(reply["results"][0]).startswith(b'{"channel":"user:x"')
+
+
+async def test_redis_reads_of_a_storm_share_round_trips(redis_url):
+    """History, state and owner reads made together (a connect storm's recoveries) go out
+    in a few batches on the engine's own connection, not one pooled connection each."""
+    from gateway.broker.redis import RedisBroker
+    from gateway.protocol.channels import Namespaces
+
+    broker = RedisBroker(redis_url)
+    await broker.start()
+    try:
+        ns = Namespaces.from_config("").of("user:x")
+        await broker.publish_many([PublishItem(ns, f"user:s{i}", "n", {"i": i})
+                                   for i in range(300)])
+        await broker.register_owner("job:own", "alice")
+        before = broker._pipe.stats
+        reads = await asyncio.gather(
+            *(broker.history(ns, f"user:s{i}", 0, 10) for i in range(300)),
+            *(broker.snapshot(ns, f"user:s{i}") for i in range(300)),
+            *(broker.owner("job:own") for _ in range(300)),
+        )
+        batches, calls = (b - a for a, b in zip(before, broker._pipe.stats, strict=True))
+    finally:
+        await broker.close()
+    assert calls == 900 and batches < 20, (batches, calls)
+    assert [h.publications[0].data["i"] for h in reads[:300]] == list(range(300))
+    assert all(s.offset == 1 for s in reads[300:600])
+    assert set(reads[600:]) == {"alice"}

@@ -38,10 +38,11 @@ import orjson
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError, ResponseError
 
+from gateway.broker import redis_pipe
 from gateway.broker.base import PublishItem
-from gateway.broker.redis_pipe import ScriptPipe, bulk
+from gateway.broker.redis_pipe import RedisPipe, bulk
 from gateway.broker.redis_pubsub import read_replies
-from gateway.broker.redis_scripts import PUBLISH, Keys
+from gateway.broker.redis_scripts import PUBLISH, READ, Keys
 from gateway.broker.redis_streams import (
     IDEMPOTENCY_TTL,
     OWNER_TTL,
@@ -100,7 +101,10 @@ class RedisBroker(RedisStreams):
         self.stall_seconds = stall_seconds
         self.audit_seconds = audit_seconds
         self._idem_ttl = bulk(max(1, int(idempotency_ttl)))
-        self._publish = ScriptPipe(self.client, PUBLISH, _PUBLISH_KEYS, timeout)
+        # Publishes and reads: batched per round trip on a connection of their own.
+        self._pipe = RedisPipe(self.client, timeout)
+        self._publish = self._pipe.script(PUBLISH, _PUBLISH_KEYS)
+        self._read_script = self._pipe.script(READ, 3)
         self._parts: dict[str, tuple[Namespace, bytes, bytes, bytes, str]] = {}
         # Channels the hub wants, and their pub/sub state.
         self._subs = SubscriptionTable()
@@ -140,7 +144,7 @@ class RedisBroker(RedisStreams):
                     await task
         if self._conn is not None:
             await self._conn.disconnect()
-        await self._publish.close()
+        await self._pipe.close()
         await self.client.aclose()
 
     @property
@@ -161,7 +165,7 @@ class RedisBroker(RedisStreams):
         meta: dict[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Publication:
-        # Batched with every other publish of this loop turn (see ScriptPipe).
+        # Batched with every other publish of this loop turn (see RedisPipe).
         item = PublishItem(namespace, channel, event, data, owner, meta, idempotency_key)
         now, reply = self._submit(item)
         return publication(item, now, await reply)
@@ -196,7 +200,7 @@ class RedisBroker(RedisStreams):
             head, len(idem), idem, where, len(event), event, len(data), data, len(stamp), stamp,
             len(meta), meta, middle, len(owner), owner, _OWNER_TTL, len(epoch), epoch, idem_ttl,
         )
-        return now, self._publish.submit(_PUBLISH_ARGS, args)
+        return now, self._pipe.submit(self._publish.call(_PUBLISH_ARGS, args))
 
     def _script_parts(
         self, namespace: Namespace, channel: str
@@ -221,6 +225,23 @@ class RedisBroker(RedisStreams):
         idem_prefix = k.idempotency(channel, "")
         self._parts[channel] = (namespace, head, where, middle, idem_prefix)
         return head, where, middle, idem_prefix
+
+    # -- reads (batched like the publishes) ------------------------------------
+
+    async def _read_channel(
+        self, namespace: Namespace, channel: str, mode: str, since: int, limit: int
+    ) -> list[Any]:
+        # A connect storm's recoveries: thousands of these at once, a few round
+        # trips on the pipe instead of one pooled connection each.
+        k = self.keys
+        parts = (k.meta(channel), k.stream(channel), k.state(channel),
+                 mode, new_epoch(), max(1, int(namespace.history_ttl)), since, limit)
+        return await self._pipe.call(self._read_script.call(len(parts),
+                                                            b"".join(map(bulk, parts))))
+
+    async def owner(self, channel: str) -> str | None:
+        value = await self._pipe.call(redis_pipe.command("GET", self.keys.owner(channel)))
+        return value.decode() if value is not None else None
 
     # -- subscriptions (batched) ---------------------------------------------
 
