@@ -33,14 +33,13 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import SECRET, Cluster, Redis, pin_self_to_client_core
+from benchmarks.procs import SECRET, Cluster, Redis, pin_self_to_client_core, stop_on_sigterm
 from benchmarks.rpc import Worker
 from benchmarks.steps import Rig, describe, run_step, settle
 from benchmarks.workloads import load_note
@@ -229,9 +228,6 @@ async def run(args: argparse.Namespace) -> None:
           f"  p99 {sharded['p99_ms'] - single['p99_ms']:+7.2f} ms")
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -240,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="alternated rounds, the median reported (default 3; --quick 1)")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     asyncio.run(run(args))
 
 

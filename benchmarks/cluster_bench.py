@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import orjson
 
 from benchmarks import report
-from benchmarks.procs import Redis, pin_self_to_client_core
+from benchmarks.procs import Redis, pin_self_to_client_core, stop_on_sigterm
 from benchmarks.rpc import Worker
 from benchmarks.steps import Rig
 from benchmarks.workloads import Bench, Sizes, load_note
@@ -94,14 +93,10 @@ async def run(args: argparse.Namespace) -> dict:
     return bench.results
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    # Raised inside the event loop: every `finally` runs and kills what the run started.
-    raise SystemExit(128 + signum)
-
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     results = asyncio.run(run(args))
     meta = results["meta"]
     print(f"\nresults ({meta['mode']}, {meta['gateways']} gateway(s) for W1-W3, "

@@ -21,13 +21,12 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.procs import API_KEY, Cluster, Redis, pin_self_to_client_core
+from benchmarks.procs import API_KEY, Cluster, Redis, pin_self_to_client_core, stop_on_sigterm
 from benchmarks.rpc import Worker
 from benchmarks.steps import Rig
 from benchmarks.workloads import Bench, Sizes, load_note
@@ -97,13 +96,10 @@ def table(results: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     results = asyncio.run(run(args))
     print(f"\nresults ({load_note()} at the end):")
     print(table(results))

@@ -12,6 +12,7 @@ import contextlib
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,16 @@ CLIENT_CORE = 1
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
 API_KEY = "bench-api-key-0123456789"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises SystemExit inside the event loop, so every `finally` runs and
+    kills the processes the run started (a killed benchmark leaves none behind)."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import { after, before, test } from "node:test";
 import { WebSocket } from "ws";
 
 import { HeraldClient, HeraldError, STATES } from "../dist/index.js";
-import { Gateway, freePort, sleep, token, until } from "./gateway.mjs";
+import { Gateway, freePort, rejection, sleep, token, until } from "./gateway.mjs";
 
 globalThis.WebSocket = WebSocket;
 
@@ -20,15 +20,6 @@ const FAST = { backoffInitialMs: 20, backoffMaxMs: 100, openTimeoutMs: 2000 };
 
 function client(sub, options = {}) {
   return new HeraldClient({ url: gw.url, token: token(sub), ...FAST, ...options });
-}
-
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (err) {
-    return err;
-  }
-  assert.fail("expected the promise to reject");
 }
 
 test("stats: connectedAt, lastMessageAt and the ping round trip", async () => {

@@ -1,5 +1,6 @@
 // Test support: a real `herald serve` process on a free loopback port, the
 // way tests/conftest.py starts one, plus the few HTTP calls the tests need.
+import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { once } from "node:events";
@@ -126,4 +127,14 @@ export async function until(predicate, { timeoutMs = 10000, what = "condition" }
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await sleep(20);
   }
+}
+
+/** The error `promise` rejects with; fails the test if it resolves. */
+export async function rejection(promise) {
+  try {
+    await promise;
+  } catch (err) {
+    return err;
+  }
+  assert.fail("expected the promise to reject");
 }

@@ -9,22 +9,13 @@ import { WebSocket } from "ws";
 
 import { HeraldClient } from "../dist/index.js";
 import { HeraldPublisher, PublishError } from "../dist/server.js";
-import { API_KEY, Gateway, freePort, token, until } from "./gateway.mjs";
+import { API_KEY, Gateway, freePort, rejection, token, until } from "./gateway.mjs";
 
 globalThis.WebSocket = WebSocket;
 
 let gw;
 before(async () => { gw = await Gateway.start({ HERALD_MAX_PUBLISH_BYTES: "4096" }); });
 after(async () => { await gw.stop(); });
-
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (err) {
-    return err;
-  }
-  assert.fail("expected the promise to reject");
-}
 
 /** A subscriber of our own (the browser client over `ws`), connected. */
 async function watcher(sub, channels) {

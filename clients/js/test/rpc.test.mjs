@@ -9,7 +9,7 @@ import { after, before, test } from "node:test";
 import { WebSocket } from "ws";
 
 import { HeraldClient, HeraldError } from "../dist/index.js";
-import { Gateway, freePort, token, until } from "./gateway.mjs";
+import { Gateway, freePort, rejection, token, until } from "./gateway.mjs";
 
 globalThis.WebSocket = WebSocket;
 
@@ -47,15 +47,6 @@ after(async () => {
 
 function client(sub, options = {}) {
   return new HeraldClient({ url: gw.url, token: token(sub), backoffMaxMs: 100, ...options });
-}
-
-async function rejection(promise) {
-  try {
-    await promise;
-  } catch (err) {
-    return err;
-  }
-  assert.fail("expected the promise to reject");
 }
 
 test("rpc over the WebSocket: the backend's result, or its error code", async () => {
