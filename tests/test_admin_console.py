@@ -94,15 +94,19 @@ async def test_console_lists_inspects_publishes_and_disconnects(spawn_gateway):
                           ".includes('from the console')")
         assert (await page.text_content("#position")).endswith("offset 1")
         await until(page, "document.querySelector('#presence').textContent.length > 0")
+        assert (await page.text_content("#position")).startswith("system:news · epoch ")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "admin.png"), full_page=True)
+
         bad = "no spaces"
         await page.fill("#inspect-channel", bad)
         await page.click("#inspect button[type=submit]")
         await until(page, "document.querySelector('#inspect-error').textContent.length > 0")
         assert (await page.text_content("#inspect-error")).startswith(
             "That is not a channel name")  # words, not a code
-
-        ARTIFACTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(ARTIFACTS / "admin.png"), full_page=True)
+        # and system:news's figures are no longer shown as if they were this name's
+        assert await page.text_content("#history") == ""
+        assert await page.text_content("#position") == ""
 
         # A cross-site form can send no Authorization header: it cannot disconnect anyone.
         forged = await AsyncHTTPClient().fetch(

@@ -143,7 +143,8 @@ async function inspect(event) {
   event?.preventDefault();
   const channel = $("inspect-channel").value.trim();
   const path = `/api/v1/channels/${pathPart(channel)}`;
-  $("inspect-error").textContent = "";
+  // Never leave another channel's figures under this name (a failure shows nothing).
+  for (const id of ["inspect-error", "position", "state", "history", "presence"]) $(id).textContent = "";
   if (!CHANNEL.test(channel)) {
     $("inspect-error").textContent =
       "That is not a channel name: namespace:name, with letters, digits and _ - : . @ = only.";
@@ -153,7 +154,7 @@ async function inspect(event) {
     const [state, history] = await Promise.all([
       api("GET", `${path}/state`), api("GET", `${path}/history?limit=100`),
     ]);
-    $("position").textContent = `epoch ${state.epoch} · offset ${state.offset}`;
+    $("position").textContent = `${channel} · epoch ${state.epoch} · offset ${state.offset}`;
     show($("state"), state.state);
     show($("history"), history.messages.map((m) => ({ offset: m.offset, event: m.event, data: m.data })));
   } catch (err) {
