@@ -142,7 +142,7 @@ function notify(kind, text) {
   const li = document.createElement("li");
   li.className = "note";
   li.dataset.kind = kind;
-  const icon = { completed: "✓", failed: "✕", cancelled: "⦸" }[kind] || "•";
+  const icon = { completed: "✓", failed: "✕", cancelled: "⊘" }[kind] || "•";
   li.innerHTML = '<span class="icon" aria-hidden="true"></span><span class="text"></span><span class="when"></span>';
   li.querySelector(".icon").textContent = icon;
   li.querySelector(".text").textContent = text;
