@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,57 +42,70 @@ NO_TIMING = ["--check-p99-ms", "60000", "--check-connect-p99-ms", "60000"]
 # -- the gateway under test ----------------------------------------------------
 
 
+class Gateway:
+    """`herald serve` in its own process on a free port, on the given Redis."""
+
+    def __init__(self, tmp: Path, redis_url: str) -> None:
+        port = free_port()
+        env = {
+            **os.environ,
+            "HERALD_HOST": "127.0.0.1",
+            "HERALD_PORT": str(port),
+            "HERALD_JWT_SECRET": SECRET,
+            "HERALD_API_KEY": API_KEY,
+            "HERALD_DEMO": "false",
+            "HERALD_STATE_DIR": str(tmp / "state"),
+            "HERALD_LOG_LEVEL": "WARNING",
+            # The deployment's shape: a real redis-server behind the gateway.
+            "HERALD_REDIS_URL": redis_url,
+            # All load comes from 127.0.0.1 as a handful of users: no per-IP or per-user cap.
+            "HERALD_IP_CONNECT_RATE": "0",
+            "HERALD_MAX_CONNECTIONS_PER_USER": "0",
+        }
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.log_path = tmp / "gateway.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"], env=env, stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"herald serve did not become ready:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+        auth = {"Authorization": f"apikey {API_KEY}"}
+        stats = urllib.request.Request(self.url + "/api/v1/stats", headers=auth)
+        with urllib.request.urlopen(stats, timeout=5) as reply:
+            assert orjson.loads(reply.read())["engine"] == "RedisBroker"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
 @pytest.fixture(scope="module")
 def herald(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[str]:
-    """`herald serve` in its own process on a free port; yields its base URL."""
-    tmp = tmp_path_factory.mktemp("herald")
-    port = free_port()
-    env = {
-        **os.environ,
-        "HERALD_HOST": "127.0.0.1",
-        "HERALD_PORT": str(port),
-        "HERALD_JWT_SECRET": SECRET,
-        "HERALD_API_KEY": API_KEY,
-        "HERALD_DEMO": "false",
-        "HERALD_STATE_DIR": str(tmp / "state"),
-        "HERALD_LOG_LEVEL": "WARNING",
-        # The deployment's shape: a real redis-server behind the gateway.
-        "HERALD_REDIS_URL": request.getfixturevalue("redis_process").url,
-        # All load comes from 127.0.0.1 as a handful of users: no per-IP or per-user cap.
-        "HERALD_IP_CONNECT_RATE": "0",
-        "HERALD_MAX_CONNECTIONS_PER_USER": "0",
-    }
-    log = (tmp / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=1) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"herald serve did not become ready:\n{(tmp / 'gateway.log').read_text()}")
-        time.sleep(0.1)
-    auth = {"Authorization": f"apikey {API_KEY}"}
-    stats = urllib.request.Request(url + "/api/v1/stats", headers=auth)
-    with urllib.request.urlopen(stats, timeout=5) as reply:
-        assert orjson.loads(reply.read())["engine"] == "RedisBroker"
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    """One gateway for the module; yields its base URL."""
+    gw = Gateway(tmp_path_factory.mktemp("herald"), request.getfixturevalue("redis_process").url)
+    yield gw.url
+    gw.stop()
 
 
 # -- running Locust --------------------------------------------------------------
@@ -122,8 +135,12 @@ def locust(
     secret: str | None = SECRET,
     users: str = "11",
     seconds: str = RUN_SECONDS,
+    during: Callable[[], None] | None = None,
 ) -> Run:
-    """Run the locustfile headless; returns exit code, output and the stats CSV rows."""
+    """Run the locustfile headless; returns exit code, output and the stats CSV rows.
+
+    `during`, if given, runs in this thread while Locust runs (a fault to inject).
+    """
     prefix = tmp / "run"
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
@@ -135,12 +152,18 @@ def locust(
     if secret is not None:
         command += ["--jwt-secret", secret]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HERALD_", "LOCUST_"))}
-    proc = subprocess.run(
-        command, cwd=tmp, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    with subprocess.Popen(
+        command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        try:
+            if during is not None:
+                during()
+            output, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
     stats = Path(f"{prefix}_stats.csv")
     rows = list(csv.DictReader(stats.open())) if stats.exists() else []
-    return Run(proc.returncode, proc.stdout + proc.stderr, rows)
+    return Run(proc.returncode, output, rows)
 
 
 def assert_clean_delivery(run: Run) -> None:
@@ -222,6 +245,46 @@ def test_soak_mixes_steady_viewers_and_churn(herald: str, tmp_path: Path) -> Non
     # 2-second tokens outlived: renewed in place, never a token_expired close.
     assert run.count("ws", "refresh token") > 0
     assert run.row("ws", "error token_expired") is None
+
+
+def test_a_gateway_killed_for_good_fails_the_run_on_lost_counting_every_viewer(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Viewers on gateway B, publisher and position reads on gateway A, one Redis;
+    B is SIGKILLed mid-run and never comes back. The viewers, disconnected at the
+    end, still count what they were owed: the run fails on `lost`, and the count
+    is published x viewers - delivered, less only what was published before each
+    viewer had subscribed (a publication or two of the first moment).
+    """
+    redis_url = request.getfixturevalue("redis_process").url
+    a = Gateway(tmp_path / "a", redis_url)
+    b = Gateway(tmp_path / "b", redis_url)
+    viewers = 5
+    try:
+        def kill_b() -> None:
+            time.sleep(1.5)
+            b.proc.kill()
+
+        run = locust(
+            a.url, tmp_path, "--scenario", "fanout", "--jobs", "1", "--rate", "40",
+            "--ws-url", b.url.replace("http", "ws") + "/ws", "--drain-timeout", "2",
+            *NO_TIMING, users=str(viewers + 1), seconds="4s", during=kill_b,
+        )
+    finally:
+        a.stop()
+        b.stop()
+    assert run.returncode != 0, run.output
+    assert "FAIL lost" in run.output, run.output
+    lost = run.count("check", "lost")
+    published = run.count("POST", "publish job:")
+    delivered = run.count("deliver", "progress")
+    owed = published * viewers - delivered
+    print(f"\nkilled gateway: published={published} viewers={viewers} delivered={delivered} "
+          f"owed={owed} lost={lost}")
+    assert run.row("POST", "publish job:")["Failure Count"] == "0"  # the publisher's side: none
+    assert owed > 100 and lost > 0, run.output
+    assert owed * 0.97 <= lost <= owed, (lost, published, delivered)
+    assert "disconnected at the end" in run.output  # which side missed it, and why
 
 
 def test_direct_redis_publisher_feeds_the_gateway(

@@ -196,20 +196,29 @@ class Viewer(User):
             self.backoff = min(MAX_BACKOFF, max(0.5, self.backoff * 2)) * random.uniform(0.8, 1.2)
 
     def on_stop(self) -> None:
-        conn = self.conn
-        if conn is not None and not conn.closed.is_set() and self.config.drain_timeout > 0:
+        if self.config.drain_timeout > 0:
+            conn = self.conn
+            if conn is None or conn.closed.is_set():
+                # Down at the end (its gateway gone, or between two tries): one
+                # last try, as a real client would still be reconnecting; a
+                # resume recovers what it missed, which is no loss.
+                self.conn = None
+                conn = self.conn if self.connect() else None
             self.drain(conn)
         if self.conn is not None:
             self.conn.close()
             self.conn = None
 
-    def drain(self, conn: HeraldConnection) -> None:
+    def drain(self, conn: HeraldConnection | None) -> None:
         """At the end, wait for what the server has published to arrive, then judge.
 
         Without this, the loss of a channel's last messages would go unseen
         (no later offset reveals the gap). Herald's current position of each
-        channel is read over HTTP; every offset up to it must arrive within
-        --drain-timeout, else the missing ones are counted like any gap.
+        channel is read over HTTP (from --host); every offset up to it must
+        arrive within --drain-timeout, else the missing ones are counted like
+        any gap. A viewer that could not reconnect (`conn` None) waits for
+        nothing: everything it has not seen is missing. A position that
+        cannot be read is a failed `GET channel state` row, never a silent 0.
         """
         targets = {}
         for channel in self.watching:
@@ -217,14 +226,15 @@ class Viewer(User):
             if position is not None:
                 targets[channel] = position
         deadline = time.monotonic() + self.config.drain_timeout
-        while time.monotonic() < deadline and not conn.closed.is_set():
+        while conn is not None and time.monotonic() < deadline and not conn.closed.is_set():
             if not any(self._behind(channel, *target) for channel, target in targets.items()):
                 return
             gevent.sleep(0.05)
+        why = "not there at the end" if conn is not None else "disconnected at the end"
         for channel, (epoch, offset) in targets.items():
             missing = self._behind(channel, epoch, offset)
             if missing:
-                self._missed(missing, f"{channel} up to offset {offset}, not there at the end")
+                self._missed(missing, f"{channel} up to offset {offset}, {why}")
 
     def _behind(self, channel: str, epoch: str, offset: int) -> int:
         """How many offsets up to `offset` of `epoch` this viewer has not seen yet."""
@@ -268,11 +278,16 @@ class Viewer(User):
             self.report.delivered(f"{event} (untimed)", 0.0, size)
 
     def _missed(self, count: int, where: str) -> None:
-        """Offsets this viewer never got: lost, or skipped if it is a slow consumer."""
+        """Offsets this viewer never got: lost, or skipped if it is a slow consumer.
+
+        Named by viewer: the publisher's side of a loss shows as failed
+        `publish` rows, the viewers' side here, so a run says who missed what.
+        """
         if self.slow:
-            self.report.check(SKIPPED, count, f"{count} offsets {where}", failure=False)
+            self.report.check(SKIPPED, count, f"viewer {self.sub}: {count} offsets {where}",
+                              failure=False)
         else:
-            self.report.check(LOST, count, f"{count} offsets missing {where}")
+            self.report.check(LOST, count, f"viewer {self.sub}: {count} offsets missing {where}")
 
     def _judge(self, verdict: Verdict, count: int, channel: str, offset: int = -1) -> None:
         where = f"{channel} at offset {offset}" if offset >= 0 else f"{channel} on resubscribe"
