@@ -30,6 +30,20 @@ def _count(stats: Any, name: str, kind: str) -> int:
     return entry.num_requests if entry is not None else 0
 
 
+def _publishes(stats: Any) -> tuple[int, int]:
+    """Publish requests made and failed (HTTP and direct-Redis): the publisher's side.
+
+    Shown next to `lost`, which is the viewers' side, so a failed run says
+    whether publications never made it in or were published and missed.
+    """
+    rows = [
+        entry
+        for (name, kind), entry in stats.entries.items()
+        if kind in ("POST", "REDIS") and name.startswith("publish ")
+    ]
+    return sum(e.num_requests for e in rows), sum(e.num_failures for e in rows)
+
+
 def evaluate(stats: Any, config: Config) -> list[Check]:
     """Every check of the run; thresholds compare with `<` for latency, `<=` for counts."""
     checks: list[Check] = []
@@ -69,11 +83,13 @@ def evaluate(stats: Any, config: Config) -> list[Check]:
             )
         )
     lost = _count(stats, LOST, CHECK)
+    made, failed = _publishes(stats)
     checks.append(
         Check(
             "lost",
             lost <= config.check_max_lost,
-            f"{lost} lost (at most {config.check_max_lost})",
+            f"{lost} lost by viewers (at most {config.check_max_lost}); "
+            f"publisher side: {failed} of {made} publish requests failed",
         )
     )
     dups = _count(stats, DUPLICATE, CHECK)
