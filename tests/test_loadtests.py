@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -289,6 +290,23 @@ def test_a_gateway_killed_for_good_fails_the_run_on_lost_counting_every_viewer(
     assert owed * 0.97 <= lost <= owed, (lost, published, delivered)
     assert "disconnected at the end" in run.output  # which side missed it, and why
     assert "publisher side: 0 of" in run.output  # the summary says the viewers missed it
+
+
+def test_an_unreadable_position_fails_the_run_rather_than_counting_no_loss(
+    herald: str, tmp_path: Path
+) -> None:
+    """Viewers on a live gateway, --host (publishing, position reads) on a dead port:
+    with every other check relaxed, the unread positions alone fail the run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    run = locust(
+        dead, tmp_path, "--scenario", "broadcast", "--ws-url", herald.replace("http", "ws") + "/ws",
+        "--check-fail-ratio", "1", "--check-min-delivered", "0", *NO_TIMING, users="3",
+    )
+    assert run.returncode != 0, run.output
+    assert "FAIL positions read" in run.output, run.output
+    assert "PASS lost" in run.output  # nothing judged lost: it is the read that fails
 
 
 def test_direct_redis_publisher_feeds_the_gateway(

@@ -92,6 +92,18 @@ def evaluate(stats: Any, config: Config) -> list[Check]:
             f"publisher side: {failed} of {made} publish requests failed",
         )
     )
+    reads = stats.entries.get(("channel state", "GET"))
+    if reads is not None and reads.num_requests:
+        # A viewer whose channel position could not be read cannot be judged:
+        # its losses would be an unseen 0, so the run fails on it.
+        checks.append(
+            Check(
+                "positions read",
+                reads.num_failures == 0,
+                f"{reads.num_failures} of {reads.num_requests} end-of-run position reads "
+                f"failed (must be 0)",
+            )
+        )
     dups = _count(stats, DUPLICATE, CHECK)
     checks.append(
         Check(
