@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import random
 import statistics
 import tempfile
@@ -51,30 +50,15 @@ from herald_operator.rebalance import NodeLoad, imbalance, plan_shed
 from tests.conftest import RedisProcess
 from tests.operator_harness import (
     GATEWAYS,
-    NAMESPACE,
     Api,
     FleetController,
     OperatorProcess,
+    gateway,
     gateway_path,
     kube_server,
     ns_path,
     write_node,
 )
-
-SPEC: dict[str, Any] = {
-    "image": "herald:bench",
-    "redis": {"secretRef": {"name": "herald-redis"}},
-    "auth": {"jwtSecretRef": {"name": "herald-auth"}, "apiKeyRef": {"name": "herald-auth"}},
-    "minReplicas": 2,
-    "maxReplicas": 6,
-    "targetConnectionsPerReplica": 100,
-    "scaleUp": {"maxStep": 2, "periodSeconds": 1},
-    "scaleDown": {"stabilizationWindowSeconds": 6, "step": 1, "periodSeconds": 1},
-    "drainSeconds": 7,
-    "rebalancing": {"enabled": False},
-}
-GATEWAY = {"apiVersion": "herald.io/v1alpha1", "kind": "RealtimeGateway",
-           "metadata": {"name": "gw", "namespace": NAMESPACE}, "spec": SPEC}
 
 
 async def until(check: Any, bound: float, step: float = 0.05) -> float | None:
@@ -123,7 +107,7 @@ async def failover_round(tmp: Path, redis_url: str) -> dict[str, Any]:
                 return any(p.get("priority") == 100 for p in
                            (peering.get("status") or {}).values() if isinstance(p, dict))
             await until(standby_registered, 30)
-            await api.post(GATEWAYS, copy.deepcopy(GATEWAY))
+            await api.post(GATEWAYS, gateway())
             await until(lambda: deployment(api), 30)
             await asyncio.sleep(2)  # both alive for a few intervals
             double = "reconcile" in standby.log_tail(10**6)
@@ -157,7 +141,7 @@ async def scaling_round(tmp: Path, redis_url: str, interval: int) -> dict[str, f
         proc = OperatorProcess(api, tmp, "--standalone", "--interval", str(interval),
                                "--metrics-port", "0", redis_url=redis_url)
         try:
-            await api.post(GATEWAYS, copy.deepcopy(GATEWAY))
+            await api.post(GATEWAYS, gateway())
             async with FleetController(api, "gw") as fleet:
                 async def pods_are(n: int) -> bool:
                     return len(await fleet.pods()) == n

@@ -393,6 +393,33 @@ def ns_path(api: str, plural: str, name: str | None = None, sub: str | None = No
 
 GATEWAYS = ns_path(f"{GROUP}/{VERSION}", PLURAL)
 
+# The RealtimeGateway the operator tests and benchmarks/operator_bench.py create:
+# small numbers, 1 s periods and a 6 s window, so a policy plays out in seconds.
+GATEWAY: dict[str, Any] = {
+    "apiVersion": "herald.io/v1alpha1",
+    "kind": "RealtimeGateway",
+    "metadata": {"name": "gw", "namespace": NAMESPACE},
+    "spec": {
+        "image": "herald:test",
+        "redis": {"secretRef": {"name": "herald-redis"}},
+        "auth": {"jwtSecretRef": {"name": "herald-auth"}, "apiKeyRef": {"name": "herald-auth"}},
+        "minReplicas": 2,
+        "maxReplicas": 6,
+        "targetConnectionsPerReplica": 100,
+        "scaleUp": {"maxStep": 2, "periodSeconds": 1},
+        "scaleDown": {"stabilizationWindowSeconds": 6, "step": 1, "periodSeconds": 1},
+        "drainSeconds": 7,
+        "rebalancing": {"enabled": False},
+    },
+}
+
+
+def gateway(**spec: Any) -> dict[str, Any]:
+    """A fresh copy of GATEWAY with `spec` fields replaced."""
+    body = copy.deepcopy(GATEWAY)
+    body["spec"].update(spec)
+    return body
+
 
 def gateway_path(name: str, sub: str | None = None) -> str:
     return ns_path(f"{GROUP}/{VERSION}", PLURAL, name, sub)

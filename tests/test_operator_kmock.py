@@ -27,11 +27,11 @@ from herald_operator.spec import LAST_APPLIED
 from tests.conftest import free_port
 from tests.operator_harness import (
     GATEWAYS,
-    NAMESPACE,
     Api,
     FleetController,
     OperatorProcess,
     chart_authorizer,
+    gateway,
     gateway_path,
     kube_server,
     ns_path,
@@ -40,31 +40,6 @@ from tests.operator_harness import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-GATEWAY: dict[str, Any] = {
-    "apiVersion": "herald.io/v1alpha1",
-    "kind": "RealtimeGateway",
-    "metadata": {"name": "gw", "namespace": NAMESPACE},
-    "spec": {
-        "image": "herald:test",
-        "redis": {"secretRef": {"name": "herald-redis"}},
-        "auth": {"jwtSecretRef": {"name": "herald-auth"}, "apiKeyRef": {"name": "herald-auth"}},
-        "minReplicas": 2,
-        "maxReplicas": 6,
-        "targetConnectionsPerReplica": 100,
-        "scaleUp": {"maxStep": 2, "periodSeconds": 1},
-        "scaleDown": {"stabilizationWindowSeconds": 6, "step": 1, "periodSeconds": 1},
-        "drainSeconds": 7,
-        "rebalancing": {"enabled": False},
-    },
-}
-
-
-def gateway(**spec: Any) -> dict[str, Any]:
-    body = copy.deepcopy(GATEWAY)
-    body["spec"].update(spec)
-    return body
-
 
 async def events(api: Api, reason: str | None = None) -> list[dict[str, Any]]:
     found = await api.items(ns_path("v1", "events"))
