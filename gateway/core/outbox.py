@@ -30,6 +30,23 @@ _keys = itertools.count()
 
 
 class Outbox:
+    # One per connection: slots keep the idle connection's footprint small
+    # (no per-instance __dict__).
+    __slots__ = (
+        "_conflatable",
+        "_max_bytes",
+        "_max_messages",
+        "_metrics",
+        "_on_overflow",
+        "_queue",
+        "_queued_bytes",
+        "_raw",
+        "_stream",
+        "_waiting",
+        "_write",
+        "closed",
+    )
+
     def __init__(
         self,
         stream: IOStream,
