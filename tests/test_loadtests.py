@@ -258,7 +258,9 @@ def test_a_gateway_killed_for_good_fails_the_run_on_lost_counting_every_viewer(
     B is SIGKILLed mid-run and never comes back. The viewers, disconnected at the
     end, still count what they were owed: the run fails on `lost`, and the count
     is published x viewers - delivered, less only what was published before each
-    viewer had subscribed (a publication or two of the first moment).
+    viewer had subscribed (a publication or two of the first moment: under 1 %
+    of what is owed after 6 s without B; 98 % is asserted, as a loaded machine
+    subscribes later).
     """
     redis_url = request.getfixturevalue("redis_process").url
     a = Gateway(tmp_path / "a", redis_url)
@@ -266,13 +268,22 @@ def test_a_gateway_killed_for_good_fails_the_run_on_lost_counting_every_viewer(
     viewers = 5
     try:
         def kill_b() -> None:
-            time.sleep(1.5)
+            # Once every viewer is subscribed on B (bounded), then for good.
+            auth = {"Authorization": f"apikey {API_KEY}"}
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                stats = urllib.request.Request(b.url + "/api/v1/stats", headers=auth)
+                with urllib.request.urlopen(stats, timeout=5) as reply:
+                    if orjson.loads(reply.read())["subscriptions"] >= 2 * viewers:
+                        break  # each viewer: its user: channel and the job
+                time.sleep(0.05)
+            time.sleep(0.5)
             b.proc.kill()
 
         run = locust(
             a.url, tmp_path, "--scenario", "fanout", "--jobs", "1", "--rate", "40",
             "--ws-url", b.url.replace("http", "ws") + "/ws", "--drain-timeout", "2",
-            *NO_TIMING, users=str(viewers + 1), seconds="4s", during=kill_b,
+            *NO_TIMING, users=str(viewers + 1), seconds="7s", during=kill_b,
         )
     finally:
         a.stop()
@@ -287,7 +298,7 @@ def test_a_gateway_killed_for_good_fails_the_run_on_lost_counting_every_viewer(
           f"owed={owed} lost={lost}")
     assert run.row("POST", "publish job:")["Failure Count"] == "0"  # the publisher's side: none
     assert owed > 100 and lost > 0, run.output
-    assert owed * 0.97 <= lost <= owed, (lost, published, delivered)
+    assert owed * 0.98 <= lost <= owed, (lost, published, delivered)
     assert "disconnected at the end" in run.output  # which side missed it, and why
     assert "publisher side: 0 of" in run.output  # the summary says the viewers missed it
 
