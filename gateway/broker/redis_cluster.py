@@ -141,7 +141,7 @@ class RedisClusterBroker(RedisStreams):
         self, items: Sequence[PublishItem]
     ) -> list[Publication | ProtocolError | BrokerUnavailable]:
         """Each channel's items in order, the channels side by side (on their own slots)."""
-        results: list[Publication | ProtocolError | BrokerUnavailable | None] = [None] * len(items)
+        results: dict[int, Publication | ProtocolError | BrokerUnavailable] = {}
         by_channel: dict[str, list[int]] = {}
         for i, item in enumerate(items):
             by_channel.setdefault(item.channel, []).append(i)
@@ -158,7 +158,7 @@ class RedisClusterBroker(RedisStreams):
                     results[i] = exc
 
         await asyncio.gather(*(in_order(ix) for ix in by_channel.values()))
-        return [r for r in results if r is not None]
+        return [results[i] for i in range(len(items))]  # every item answered, in order
 
     async def _cmd(self, awaitable: Any) -> Any:
         """A command, queued while POOL_SIZE are in flight.
