@@ -40,18 +40,27 @@ class Recording:
         self.delivered: list[Publication] = []
         self.frames: list[dict[str, Any]] = []
         self.positions: dict[str, Position] = {}
+        self.reached_at: dict[str, Position] = {}
 
-    def deliver(self, pub: Publication) -> None:
+    def push(self, pub: Publication) -> bool:
         self.delivered.append(pub)
+        return True
 
     def advance(self, channel: str, position: Position) -> None:
         self.positions[channel] = position
+
+    def reached(self, channel: str, position: Position) -> None:
+        self.reached_at[channel] = position
 
     def send_json(self, message: dict[str, Any]) -> None:
         self.frames.append(message)
 
     def offsets(self) -> list[int]:
         return [p.offset for p in self.delivered]
+
+
+# Where a subscriber stands before any publication (no epoch known yet).
+START = Position("", 0)
 
 
 def metric(metrics: Metrics, name: str, **labels: str) -> float:
@@ -67,7 +76,7 @@ async def test_a_recovering_subscriber_buffers_and_goes_live_past_its_replay():
     broker.bind(hub.dispatch, lambda channels: asyncio.sleep(0))
     live, joining = Recording(), Recording()
     await hub.add(live, "user:a")
-    assert hub.go_live(live, "user:a", 0)
+    assert hub.go_live(live, "user:a", START)
     for i in range(2):
         await broker.publish(USER, "user:a", "n", {"i": i})
     await hub.add(joining, "user:a")  # recovering: its replay is being read
@@ -76,7 +85,7 @@ async def test_a_recovering_subscriber_buffers_and_goes_live_past_its_replay():
     assert live.offsets() == [1, 2, 3, 4, 5]
     assert joining.offsets() == []  # buffered, not delivered, while recovering
     # Its replay covered up to offset 3: only 4 and 5 come from the buffer.
-    assert hub.go_live(joining, "user:a", 3)
+    assert hub.go_live(joining, "user:a", Position(live.delivered[0].epoch, 3))
     assert joining.offsets() == [4, 5]
     await broker.publish(USER, "user:a", "n", {"i": 5})
     assert live.offsets()[-1] == joining.offsets()[-1] == 6
@@ -91,7 +100,7 @@ async def test_a_recovery_buffer_past_its_bound_makes_go_live_fail():
     await hub.add(slow, "user:a")
     for i in range(5):
         await broker.publish(USER, "user:a", "n", {"i": i})
-    assert hub.go_live(slow, "user:a", 0) is False  # the caller closes it (4008)
+    assert hub.go_live(slow, "user:a", START) is False  # the caller closes it (4008)
     assert slow.offsets() == []  # never a stream with a hole
 
 
@@ -99,7 +108,7 @@ async def test_an_overlap_at_or_before_the_channel_position_goes_nowhere():
     hub = Hub(MemoryBroker())
     sub = Recording()
     await hub.add(sub, "user:a")
-    hub.go_live(sub, "user:a", 0)
+    hub.go_live(sub, "user:a", START)
     pub = Publication("user:a", "n", {}, "ep", 7, 0.0)
     assert hub.dispatch(pub) == 1
     assert hub.dispatch(Publication("user:a", "n", {}, "ep", 7, 0.0)) == 0
@@ -107,6 +116,50 @@ async def test_an_overlap_at_or_before_the_channel_position_goes_nowhere():
     # Another epoch is never an overlap.
     assert hub.dispatch(Publication("user:a", "n", {}, "other", 1, 0.0)) == 1
     assert sub.offsets() == [7, 1]
+
+
+def _pub(offset: int, epoch: str = "ep") -> Publication:
+    return Publication("user:a", "n", {}, epoch, offset, 0.0)
+
+
+async def test_a_replay_ahead_of_the_fan_in_skips_what_is_still_in_flight_once():
+    hub = Hub(MemoryBroker())
+    early, late = Recording(), Recording()
+    await hub.add(early, "user:a")
+    hub.go_live(early, "user:a", START)
+    hub.dispatch(_pub(1))
+    await hub.add(late, "user:a")
+    # Its history read returned up to offset 3; 2 and 3 are still on their way live.
+    assert hub.go_live(late, "user:a", Position("ep", 3))
+    for offset in (2, 3, 4, 5):
+        hub.dispatch(_pub(offset))
+    assert early.offsets() == [1, 2, 3, 4, 5]
+    assert late.offsets() == [4, 5]  # never 2 or 3 twice
+    # Past its mark it is on the plain writer, like everyone else.
+    assert hub._channels["user:a"].live[late] == late.push
+
+
+async def test_another_epoch_is_never_skipped_as_covered_by_a_replay():
+    hub = Hub(MemoryBroker())
+    sub = Recording()
+    await hub.add(sub, "user:a")
+    hub.note("user:a", Position("ep", 1))
+    assert hub.go_live(sub, "user:a", Position("ep", 3))
+    hub.dispatch(_pub(2, epoch="new"))  # the stream was reset: a new epoch starts at 1
+    assert [(p.epoch, p.offset) for p in sub.delivered] == [("new", 2)]
+
+
+async def test_a_live_subscriber_that_recovers_again_is_told_how_far_it_was_written():
+    hub = Hub(MemoryBroker())
+    sub = Recording()
+    await hub.add(sub, "user:a")
+    hub.go_live(sub, "user:a", START)
+    for offset in (1, 2, 3):
+        hub.dispatch(_pub(offset))
+    await hub.add(sub, "user:a")  # a re-subscribe with `since`: its replay skips 1-3
+    assert sub.reached_at == {"user:a": Position("ep", 3)}
+    hub.dispatch(_pub(4))
+    assert sub.offsets() == [1, 2, 3]  # recovering: buffered, not written
 
 
 async def test_the_last_subscriber_gone_releases_the_engine_subscription():
@@ -279,7 +332,7 @@ async def test_publications_missed_during_an_interruption_are_replayed_in_order(
     await hub.add(sub, channel)
     snap = await engine.snapshot(USER, channel)
     hub.note(channel, Position(snap.epoch, snap.offset))
-    hub.go_live(sub, channel, snap.offset)
+    hub.go_live(sub, channel, Position(snap.epoch, snap.offset))
     await engine.publish(USER, channel, "n", {"i": 1})
     await wait_offsets(sub, 1)
     gate.open = False  # the fan-in is interrupted: these never arrive live
@@ -299,7 +352,7 @@ async def test_a_lost_history_is_reported_as_an_epoch_change(engine, request):
     channel = f"job:lost-{id(hub)}"
     sub = Recording()
     await hub.add(sub, channel)
-    hub.go_live(sub, channel, 0)
+    hub.go_live(sub, channel, START)
     first = await engine.publish(JOB, channel, "progress", {"p": 10})
     await wait_offsets(sub, 1)
     # The engine loses the channel (a Redis restart without persistence; an expiry).

@@ -10,6 +10,7 @@ with no gap and no duplicate.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,13 +18,23 @@ from gateway.broker.base import Broker
 from gateway.protocol.errors import BrokerUnavailable
 from gateway.protocol.publication import Position, Publication
 
+Push = Callable[[Publication], object]
+
 
 class Subscriber(Protocol):
     """A connection that can receive publications (WebSocket, SSE)."""
 
-    def deliver(self, pub: Publication) -> None: ...
+    def push(self, pub: Publication) -> object:
+        """Write one publication to the transport (the fan-out's only per-delivery call)."""
+        ...
 
-    def advance(self, channel: str, position: Position) -> None: ...
+    def advance(self, channel: str, position: Position) -> None:
+        """The client holds everything up to `position`; live delivery starts there."""
+        ...
+
+    def reached(self, channel: str, position: Position) -> None:
+        """It was streamed live up to `position` and now stops (it recovers again)."""
+        ...
 
     def send_json(self, message: dict[str, Any]) -> None: ...
 
@@ -32,8 +43,10 @@ class Subscriber(Protocol):
 class _Channel:
     """One channel's local subscribers: streaming live, or still recovering."""
 
-    # Insertion-ordered sets (dict keys): subscribe order is delivery order.
-    live: dict[Subscriber, None] = field(default_factory=dict)
+    channel: str
+    # Live subscribers and how to write to each: the fan-out loop calls these
+    # and nothing else. Insertion-ordered: subscribe order is delivery order.
+    live: dict[Subscriber, Push] = field(default_factory=dict)
     # Recovering subscribers and the live publications that arrived meanwhile.
     recovering: dict[Subscriber, list[Publication]] = field(default_factory=dict)
     # Recovering subscribers whose buffer hit its bound.
@@ -92,7 +105,9 @@ class Hub:
         """Put `sub` in recovering state (a live one re-subscribing recovers again)."""
         if sub not in ch:
             self.subscription_count += 1
-        ch.live.pop(sub, None)
+        if ch.live.pop(sub, None) is not None and ch.position is not None:
+            # What it was written live ends here: its replay must not repeat it.
+            sub.reached(ch.channel, Position(ch.position.epoch, ch.position.offset))
         ch.overflowed.discard(sub)
         ch.recovering[sub] = []
 
@@ -100,7 +115,7 @@ class Hub:
         """Register `sub` in recovering state; returns once the broker feeds the channel."""
         ch = self._channels.get(channel)
         if ch is None:
-            ch = self._channels[channel] = _Channel()
+            ch = self._channels[channel] = _Channel(channel)
             self._recover(ch, sub)
             ready = self._pending[channel] = asyncio.get_running_loop().create_future()
             try:
@@ -152,24 +167,32 @@ class Hub:
         except BrokerUnavailable:
             pass
 
-    def go_live(self, sub: Subscriber, channel: str, after: int) -> bool:
-        """End recovery: deliver what was buffered past offset `after`, then stream live.
+    def go_live(self, sub: Subscriber, channel: str, after: Position) -> bool:
+        """End recovery: deliver what was buffered past `after`, then stream live.
 
-        False when the buffer overflowed during recovery: the caller must
-        close the connection (4008) so the client recovers again, since
-        handing it a stream with a hole would be losing messages silently.
+        `after` is where the subscriber's replay (or state) left it. False
+        when the buffer overflowed during recovery: the caller must close the
+        connection (4008) so the client recovers again, since handing it a
+        stream with a hole would be losing messages silently.
         """
         ch = self._channels.get(channel)
         if ch is None or sub not in ch.recovering:
             return True
         buffered = ch.recovering.pop(sub)
-        ch.live[sub] = None
+        last = ch.position
+        if last is None or last.epoch != after.epoch or last.offset < after.offset:
+            # The replay may have read past what this node has dispatched:
+            # those publications are still in flight from the engine and are
+            # skipped once, for this subscriber only.
+            ch.live[sub] = _skip_until(ch, sub, after)
+        else:
+            ch.live[sub] = sub.push
         if sub in ch.overflowed:
             ch.overflowed.discard(sub)
             return False
         for pub in buffered:
-            if pub.offset > after:
-                sub.deliver(pub)
+            if pub.offset > after.offset:
+                sub.push(pub)
         return True
 
     async def remove(self, sub: Subscriber, channel: str) -> None:
@@ -193,10 +216,12 @@ class Hub:
     def dispatch(self, pub: Publication) -> int:
         """Hand one publication to every local subscriber; returns how many were live.
 
-        The hot path of fan-out: one pass over the live subscribers (a tuple
-        of them, so a subscriber that closes meanwhile cannot disturb it),
-        and the recovering ones, usually none, buffer it. A publication at
-        or before the channel's last position is an overlap and goes nowhere.
+        The hot path of fan-out: one flat pass calling each live
+        subscriber's writer (a tuple of them, so a subscriber that closes
+        meanwhile cannot disturb it), and the recovering ones, usually none,
+        buffer it. A publication at or before the channel's last position is
+        an overlap and goes nowhere; that check, made once here, is why the
+        writers need none of their own.
         """
         ch = self._channels.get(pub.channel)
         if ch is None:
@@ -212,7 +237,22 @@ class Hub:
                     buffered.append(pub)
                 else:
                     ch.overflowed.add(sub)
-        live = tuple(ch.live)
-        for sub in live:
-            sub.deliver(pub)
+        live = tuple(ch.live.values())
+        for push in live:
+            push(pub)
         return len(live)
+
+
+def _skip_until(ch: _Channel, sub: Subscriber, mark: Position) -> Push:
+    """A writer that drops publications up to `mark` (the subscriber's replay had
+    them), then puts the subscriber's plain writer in its place."""
+    push = sub.push
+
+    def push_past(pub: Publication) -> object:
+        if pub.epoch == mark.epoch and pub.offset <= mark.offset:
+            return False
+        if ch.live.get(sub) is push_past:
+            ch.live[sub] = push
+        return push(pub)
+
+    return push_past

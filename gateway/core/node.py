@@ -342,11 +342,11 @@ class Node:
         for pub in found.publications:
             # A re-subscribe on the same connection skips what it already wrote live.
             if not session.already_sent(pub):
-                session.write_publication(pub)
+                session.push(pub)
                 if session.pending_bytes > REPLAY_PACE_BYTES:
                     await session.writable()  # live ones wait in the hub meanwhile
         session.advance(channel, position)
-        if not self.hub.go_live(session, channel, found.offset):
+        if not self.hub.go_live(session, channel, position):
             self.metrics.dropped.labels("recovery_overflow").inc()
             session.overflowed()
 

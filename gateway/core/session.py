@@ -26,9 +26,10 @@ class Session(abc.ABC):
         self.id = client_id
         self.claims = claims
         self.subscriptions: set[str] = set()
-        self._sent: dict[str, Publication | Position] = {}
-        # Where live delivery of each channel began on this connection: with
-        # `_sent`, the range this connection has already written.
+        # Per channel, how far this connection was written before it last
+        # went live (replay end) or stopped (a re-subscribe), and where live
+        # delivery began: the range a re-subscribe's replay must not repeat.
+        self._sent: dict[str, Position] = {}
         self._live_from: dict[str, Position] = {}
         # The client's address (after trusted proxies), for audit events.
         self.address = ""
@@ -38,10 +39,6 @@ class Session(abc.ABC):
     def touch(self) -> None:
         """The client sent something; shedding prefers the least recently active."""
         self.last_active = time.monotonic()
-
-    def delivered(self, channel: str) -> Publication | Position | None:
-        """Where this connection stands in `channel`: the last offset it was given."""
-        return self._sent.get(channel)
 
     def advance(self, channel: str, position: Position) -> None:
         """The client now holds everything up to `position` (replay or state)."""
@@ -55,7 +52,7 @@ class Session(abc.ABC):
         self._live_from.pop(channel, None)
 
     def already_sent(self, pub: Publication) -> bool:
-        """Written live on this connection since its (re)subscription went live."""
+        """Written on this connection since its (re)subscription went live."""
         start = self._live_from.get(pub.channel)
         last = self._sent.get(pub.channel)
         return (
@@ -65,23 +62,22 @@ class Session(abc.ABC):
             and start.offset < pub.offset <= last.offset
         )
 
-    def deliver(self, pub: Publication) -> None:
-        """Write one publication unless the client already has it.
-
-        The hub's hot path, so no awaiting here. The check matters right
-        after a recovery: a publication the history read already returned
-        can still be in flight on the pub/sub connection, and must not be
-        written twice.
-        """
-        last = self._sent.get(pub.channel)
-        if last is not None and last.offset >= pub.offset and last.epoch == pub.epoch:
-            return
-        if self.write_publication(pub):
-            self._sent[pub.channel] = pub
+    def reached(self, channel: str, position: Position) -> None:
+        """It was written live up to `position` and recovers again (a re-subscribe):
+        its replay skips that range (`already_sent`). The hub tells it, so the
+        fan-out never records anything per delivery."""
+        last = self._sent.get(channel)
+        if last is None or last.epoch != position.epoch or last.offset < position.offset:
+            self._sent[channel] = position
 
     @abc.abstractmethod
-    def write_publication(self, pub: Publication) -> bool:
-        """Queue `pub` on the transport; False if it was not (connection gone)."""
+    def push(self, pub: Publication) -> bool:
+        """Write `pub` on the transport; False if it was not (connection gone).
+
+        The hub's hot path, once per delivery, so no awaiting and no
+        bookkeeping here: the hub has already dropped overlaps and what a
+        replay covered.
+        """
 
     @abc.abstractmethod
     def send_json(self, message: dict[str, Any]) -> None:

@@ -61,7 +61,7 @@ class SseSession(Session):
         super().__init__(client_id, claims)
         self.handler = handler
 
-    def write_publication(self, pub: Publication) -> bool:
+    def push(self, pub: Publication) -> bool:
         return self.handler.write_event(pub.sse_frame, pub)
 
     def send_json(self, message: dict[str, Any]) -> None:

@@ -68,7 +68,7 @@ class WsSession(Session):
         super().__init__(client_id, claims)
         self.handler = handler
 
-    def write_publication(self, pub: Publication) -> bool:
+    def push(self, pub: Publication) -> bool:
         # The fan-out's hot path: straight to the outbox, which is marked
         # closed as soon as the handler closes (see close_with).
         outbox = self.handler.outbox
