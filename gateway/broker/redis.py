@@ -256,10 +256,14 @@ class RedisBroker(RedisStreams):
         if not waits:
             return
         self._schedule_flush()
+        # One deadline around plain awaits of this call's own waiters: no
+        # task (`wait_for`), gather or shield per subscribe on a connect storm.
+        # Each waiter is this call's alone, so a timeout or a cancel that
+        # cancels it loses nothing; `finally` takes it off the table.
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(asyncio.shield(fut) for _, fut in waits)), self.timeout
-            )
+            async with asyncio.timeout(self.timeout):
+                for _, fut in waits:
+                    await fut
         except TimeoutError:
             raise BrokerUnavailable("redis did not confirm the subscription") from None
         except Released as exc:
