@@ -411,3 +411,22 @@ async def test_refresh_with_same_rights_keeps_everything(gateway, ws_client):
     assert reply["type"] == "authenticated"
     await publish(gateway, "dashboard:sales", "tick", {})
     assert (await client.expect("message"))["channel"] == "dashboard:sales"
+
+
+def test_hmac_secret_checks_run_once_per_secret_and_still_refuse_public_keys(monkeypatch):
+    """HS* secrets are checked once (not per token), and an asymmetric key is refused every time."""
+    hs256 = jwt.api_jws._jws_global_obj._algorithms["HS256"]
+    assert isinstance(hs256, gateway.security.auth._CheckedHMAC)
+    checks = []
+    parent = jwt.algorithms.HMACAlgorithm.prepare_key
+    monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "prepare_key",
+                        lambda self, key: checks.append(key) or parent(self, key))
+    secret = "once-checked-secret-0123456789abcdef"
+    signed = jwt.encode({"sub": "u", "exp": time.time() + 60}, secret, algorithm="HS256")
+    for _ in range(3):
+        assert jwt.decode(signed, secret, algorithms=["HS256"])["sub"] == "u"
+    assert checks.count(secret) == 1
+    pem = public_pem(rsa_key())
+    for _ in range(2):
+        with pytest.raises(jwt.InvalidKeyError):
+            jwt.decode(signed, pem, algorithms=["HS256"])

@@ -32,6 +32,45 @@ JWKS_MIN_REFRESH = 30.0
 # The `info` claim (what presence shows of a client) is kept per subscription: bounded.
 MAX_INFO_BYTES = 1024
 ADMIN_ROLE = "admin"
+# HMAC secrets whose checks passed (one per configured key): bounded all the same.
+_HMAC_CHECKED_MAX = 64
+
+
+class _CheckedHMAC(jwt.algorithms.HMACAlgorithm):
+    """PyJWT's HMAC, remembering which secrets already passed its key checks.
+
+    PyJWT re-checks the secret on every decode (is it PEM, SSH, DER? the DER
+    probe asks `cryptography` to parse it twice and fail): about a tenth of a
+    gateway's CPU on a connect storm, for an answer that never changes for a
+    configured key. The checks still run, once per distinct secret; a secret
+    that fails them is not remembered and fails every time.
+    """
+
+    def __init__(self, hash_alg: Any) -> None:
+        super().__init__(hash_alg)
+        self._checked: dict[bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        raw = key.encode() if isinstance(key, str) else key
+        prepared = self._checked.get(raw) if isinstance(raw, bytes) else None
+        if prepared is None:
+            prepared = super().prepare_key(key)
+            if len(self._checked) >= _HMAC_CHECKED_MAX:
+                self._checked.clear()
+            self._checked[raw] = prepared
+        return prepared
+
+
+def _install_checked_hmac() -> None:
+    """Swap PyJWT's HS256/384/512 for `_CheckedHMAC` (its public registry, process-wide)."""
+    for name, hash_alg in (("HS256", jwt.algorithms.HMACAlgorithm.SHA256),
+                           ("HS384", jwt.algorithms.HMACAlgorithm.SHA384),
+                           ("HS512", jwt.algorithms.HMACAlgorithm.SHA512)):
+        jwt.unregister_algorithm(name)
+        jwt.register_algorithm(name, _CheckedHMAC(hash_alg))
+
+
+_install_checked_hmac()
 
 
 @dataclass(frozen=True, slots=True)
