@@ -149,6 +149,22 @@ async def test_another_epoch_is_never_skipped_as_covered_by_a_replay():
     assert [(p.epoch, p.offset) for p in sub.delivered] == [("new", 2)]
 
 
+async def test_a_reset_re_bases_a_subscriber_whose_replay_read_into_the_new_epoch():
+    # Redis restarted empty: a client subscribed meanwhile and its replay read
+    # the new epoch's offset 1 before this node's fan-in resynchronised. The
+    # reset then tells it "offset 0 of the new epoch", so offset 1 must come
+    # again (the chaos test's `gap 0 -> 2` when it did not).
+    hub = Hub(MemoryBroker())
+    sub = Recording()
+    await hub.add(sub, "user:a")
+    hub.note("user:a", Position("old", 7))
+    assert hub.go_live(sub, "user:a", Position("new", 1))
+    hub.note("user:a", Position("new", 0), reset=True)
+    for offset in (1, 2):
+        hub.dispatch(_pub(offset, epoch="new"))
+    assert [(p.epoch, p.offset) for p in sub.delivered] == [("new", 1), ("new", 2)]
+
+
 async def test_a_live_subscriber_that_recovers_again_is_told_how_far_it_was_written():
     hub = Hub(MemoryBroker())
     sub = Recording()

@@ -87,10 +87,19 @@ class Hub:
         """A position read for a held channel: where it stands until a publication moves it.
 
         Only the first read counts (a later one may be ahead of publications
-        still in flight), unless `reset` says the history was lost.
+        still in flight), unless `reset` says the history was lost: then
+        every live subscriber is re-based to `position` (the caller tells
+        each client so) and must get all that follows it, so a skip left by
+        a replay that already read into the new epoch is dropped too.
         """
         ch = self._channels.get(channel)
-        if ch is not None and (ch.position is None or reset):
+        if ch is None:
+            return
+        if reset:
+            ch.position = position
+            for sub in ch.live:
+                ch.live[sub] = sub.push
+        elif ch.position is None:
             ch.position = position
 
     def counts(self) -> dict[str, int]:
