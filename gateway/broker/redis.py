@@ -105,7 +105,7 @@ class RedisBroker(RedisStreams):
         self._pipe = RedisPipe(self.client, timeout)
         self._publish = self._pipe.script(PUBLISH, _PUBLISH_KEYS)
         self._read_script = self._pipe.script(READ, 3)
-        self._parts: dict[str, tuple[Namespace, bytes, bytes, bytes, str]] = {}
+        self._parts: dict[str, tuple[Namespace, bytes, bytes, bytes, bytes]] = {}
         # Channels the hub wants, and their pub/sub state.
         self._subs = SubscriptionTable()
         self._wanted = self._subs.wanted
@@ -167,44 +167,50 @@ class RedisBroker(RedisStreams):
     ) -> Publication:
         # Batched with every other publish of this loop turn (see RedisPipe).
         item = PublishItem(namespace, channel, event, data, owner, meta, idempotency_key)
-        now, reply = self._submit(item)
+        now = time.time()
+        reply = self._submit(item, repr(now).encode(), new_epoch().encode())
         return publication(item, now, await reply)
 
     async def publish_many(
         self, items: Sequence[PublishItem]
     ) -> list[Publication | ProtocolError | BrokerUnavailable]:
         # All queued before the first is sent: one write, the items' order.
-        sent = [self._submit(item) for item in items]
+        # One time and one candidate epoch for the batch (made in the same
+        # instant): the epoch only names a channel's stream if this publish
+        # creates it, and epochs are compared per channel, never across.
+        now = time.time()
+        stamp, epoch = repr(now).encode(), new_epoch().encode()
+        sent = [self._submit(item, stamp, epoch) for item in items]
         results: list[Publication | ProtocolError | BrokerUnavailable] = []
-        for item, (now, reply) in zip(items, sent, strict=True):
+        for item, reply in zip(items, sent, strict=True):
             try:
                 results.append(publication(item, now, await reply))
             except (ProtocolError, BrokerUnavailable) as exc:
                 results.append(exc)
         return results
 
-    def _submit(self, item: PublishItem) -> tuple[float, asyncio.Future[Any]]:
-        """Queue one call of the publish script; returns its time and its reply."""
-        now = time.time()
+    def _submit(self, item: PublishItem, stamp: bytes, epoch: bytes) -> asyncio.Future[Any]:
+        """Queue one call of the publish script (`stamp`: its time, `epoch`: the
+        candidate epoch, both encoded); returns its reply."""
         head, where, middle, idem_prefix = self._script_parts(item.namespace, item.channel)
         key = item.idempotency_key
-        idem = (idem_prefix + key if key is not None else idem_prefix).encode()
-        idem_ttl = self._idem_ttl if key is not None else _NO_KEY_TTL
-        event = json_str(item.event).encode()
+        if key is None:
+            idem, idem_ttl = idem_prefix, _NO_KEY_TTL
+        else:
+            idem, idem_ttl = idem_prefix + key.encode(), self._idem_ttl
+        event = orjson.dumps(item.event)  # a JSON string, as the record stores it
         data = orjson.dumps(item.data)
-        stamp = repr(now).encode()
         meta = orjson.dumps(item.meta) if item.meta else b"{}"
         owner = item.owner.encode() if item.owner else b""
-        epoch = new_epoch().encode()
         args = _PUBLISH_ARGV % (
             head, len(idem), idem, where, len(event), event, len(data), data, len(stamp), stamp,
             len(meta), meta, middle, len(owner), owner, _OWNER_TTL, len(epoch), epoch, idem_ttl,
         )
-        return now, self._pipe.submit(self._publish.call(_PUBLISH_ARGS, args))
+        return self._pipe.submit(self._publish.call(_PUBLISH_ARGS, args))
 
     def _script_parts(
         self, namespace: Namespace, channel: str
-    ) -> tuple[bytes, bytes, bytes, str]:
+    ) -> tuple[bytes, bytes, bytes, bytes]:
         """The publish script's keys and arguments that are the same for every
         publication of a channel, encoded once (see PUBLISH for their order),
         and the prefix of its idempotency keys."""
@@ -222,7 +228,7 @@ class RedisBroker(RedisStreams):
         ))
         if len(self._parts) >= PARTS_CACHE:
             self._parts.clear()
-        idem_prefix = k.idempotency(channel, "")
+        idem_prefix = k.idempotency(channel, "").encode()
         self._parts[channel] = (namespace, head, where, middle, idem_prefix)
         return head, where, middle, idem_prefix
 

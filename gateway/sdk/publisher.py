@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.telemetry import tracing
 
 if TYPE_CHECKING:
@@ -373,16 +373,17 @@ class RedisPublisher(Publisher):
 
         body = {"channel": channel, "event": event, "data": data, "owner": owner,
                 "idempotency_key": idempotency_key}
-        async with self._errors():
+        try:
             req = publishing.PublishRequest.parse(body, self._max_bytes)
             pub = await publishing.publish(self._broker, self._namespaces, req, trace=True)
+        except _ENGINE_ERRORS as exc:
+            raise _publish_error(exc) from None
         return _position(pub)
 
     async def publish_many(
         self, items: Iterable[Mapping[str, Any]]
     ) -> list[dict[str, Any] | PublishError]:
         from gateway.core import publishing
-        from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 
         bodies = _as_bodies(items)
         results: list[Any] = []
@@ -392,37 +393,37 @@ class RedisPublisher(Publisher):
             results += await publishing.publish_many(
                 self._broker, self._namespaces, reqs, trace=True
             )
-        out: list[dict[str, Any] | PublishError] = []
-        for res in results:
-            if isinstance(res, ProtocolError):
-                out.append(PublishError(res.code, res.message))
-            elif isinstance(res, BrokerUnavailable):
-                out.append(PublishError("unavailable", f"redis unavailable: {res}"))
-            else:
-                out.append(_position(res))
-        return out
+        return [_publish_error(res) if isinstance(res, Exception) else _position(res)
+                for res in results]
 
     async def register_job(self, job_id: str, owner: str) -> None:
         from gateway.protocol.channels import validate_channel
 
-        async with self._errors():
+        try:
             await self._broker.register_owner(validate_channel(f"job:{job_id}"), owner)
+        except _ENGINE_ERRORS as exc:
+            raise _publish_error(exc) from None
 
     async def close(self) -> None:
         await self._broker.close()
 
-    @contextlib.asynccontextmanager
-    async def _errors(self) -> AsyncIterator[None]:
-        from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 
-        try:
-            yield
-        except ProtocolError as exc:
-            raise PublishError(exc.code, exc.message) from None
-        except BrokerUnavailable as exc:
-            raise PublishError("unavailable", f"redis unavailable: {exc}") from None
-        except TypeError as exc:
-            raise PublishError("bad_request", f"data is not JSON-serialisable: {exc}") from None
+# What the engine side raises that a caller gets as a `PublishError`.
+_ENGINE_ERRORS = (ProtocolError, BrokerUnavailable, TypeError)
+
+
+def _publish_error(exc: ProtocolError | BrokerUnavailable | TypeError) -> PublishError:
+    """An engine-side failure (raised, or one of `publish_many`'s results) as
+    the `PublishError` callers branch on.
+
+    A plain function in an `except`, not a context manager around the call:
+    `publish` is the per-call hot path of auto-batched publishing.
+    """
+    if isinstance(exc, ProtocolError):
+        return PublishError(exc.code, exc.message)
+    if isinstance(exc, BrokerUnavailable):
+        return PublishError("unavailable", f"redis unavailable: {exc}")
+    return PublishError("bad_request", f"data is not JSON-serialisable: {exc}")
 
 
 def _position(pub: Publication) -> dict[str, Any]:
