@@ -7,11 +7,14 @@ Starts its own redis-server on a free loopback port, then for each workload
 (W1 broadcast, W2 job fan-out, W3 idle, two gateways with disjoint
 channels) starts fresh servers pinned to core 0 (`taskset -c 0`) — Herald
 gateways (`python -m gateway serve`), then python-socketio servers, then
-bare Tornado servers (`benchmarks.tornado_server`) — and drives all with
+bare Tornado servers (`benchmarks.tornado_server`), then the floor, the same
+job on picows + uvloop (`benchmarks.picows_server`) — and drives all with
 the same generator (`benchmarks.loadgen`, picows on uvloop) and publisher
 (`benchmarks.publisher`), each in its own process on core 1. Prints each
 step as it goes and a final table with every figure for each system and
-Herald's ratio to each baseline. A measurement, never a
+Herald's ratio to each baseline, then the send floor (`benchmarks.send_floor`:
+CPU µs the kernel charges one `socket.send` of a W1 frame, at W1's light
+step rate and back to back). A measurement, never a
 test: nothing is asserted and it exits 0 when it ran to the end.
 """
 
@@ -27,14 +30,14 @@ from pathlib import Path
 
 import orjson
 
-from benchmarks import report
+from benchmarks import report, send_floor
 from benchmarks.procs import Redis, pin_self_to_client_core, stop_on_sigterm
 from benchmarks.rpc import Worker
 from benchmarks.steps import Rig
 from benchmarks.workloads import Bench, Sizes, load_note
 
 WORKLOADS = ("w1", "w2", "w3", "pair")
-SYSTEMS = ("herald", "sio", "tornado")
+SYSTEMS = ("herald", "sio", "tornado", "picows")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads to run (default {','.join(WORKLOADS)})")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help="comma-separated: herald, sio, tornado (default all three)")
+                        help="comma-separated: herald, sio, tornado, picows (default all four)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="also sample the gateway with py-spy at W1/W2's best rate")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
@@ -56,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--only: unknown workloads {sorted(unknown)}")
     if set(args.systems.split(",")) - set(SYSTEMS):
-        parser.error("--systems: herald, sio and/or tornado")
+        parser.error("--systems: herald, sio, tornado and/or picows")
     if args.gateways < 1:
         parser.error("--gateways must be >= 1")
     return args
@@ -79,6 +82,12 @@ async def run(args: argparse.Namespace) -> dict:
         for name in args.only.split(","):
             for system in args.systems.split(","):
                 await getattr(bench, name)(system)
+        if "w1" in args.only.split(","):
+            # The kernel's share of one delivery, on the same machine in the same run.
+            floor = await asyncio.to_thread(send_floor.run_pinned, sizes.w1_conns,
+                                            sizes.rates[0] / sizes.w1_conns, sizes.step_s)
+            bench.results["send_floor"] = floor
+            print(send_floor.describe(floor), flush=True)
     finally:
         await gen.stop()
         await pub.stop()
@@ -102,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nresults ({meta['mode']}, {meta['gateways']} gateway(s) for W1-W3, "
           f"event loop {meta['event_loop']}, "
           f"{meta['seconds']:.0f}s, {meta['load_after']} at the end):")
-    print(report.render(report.build(results)))
+    systems = tuple(args.systems.split(","))
+    print(report.render(report.build(results, systems), report.head(systems)))
+    if "send_floor" in results:
+        print(send_floor.describe(results["send_floor"]))
     if args.json:
         args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
 

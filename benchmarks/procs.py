@@ -187,7 +187,7 @@ def _spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> subproc
 class Cluster:
     """N servers of one system (Herald gateways or Socket.IO servers) on one Redis."""
 
-    system: str  # "herald" | "sio" | "tornado"
+    system: str  # "herald" | "sio" | "tornado" | "picows"
     redis: Redis
     logdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)

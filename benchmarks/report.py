@@ -1,4 +1,5 @@
-"""The final table: every figure for Herald, python-socketio and bare Tornado, and ratios."""
+"""The final table: every figure for Herald, python-socketio, bare Tornado and the picows
+floor, and Herald's ratio to each."""
 
 from __future__ import annotations
 
@@ -7,8 +8,18 @@ from typing import Any
 
 from benchmarks.steps import gateway_share
 
-SYSTEMS = ("herald", "sio", "tornado")
-HEAD = ("figure", "herald", "socketio", "tornado", "herald/sio", "herald/tornado", "target")
+SYSTEMS = ("herald", "sio", "tornado", "picows")
+NAMES = {"sio": "socketio", "picows": "picows (floor)"}
+SHORT = {"picows": "floor"}
+
+
+def head(systems: tuple[str, ...] = SYSTEMS) -> tuple[str, ...]:
+    """The column titles: each system, then the first one's ratio to each of the others."""
+    return ("figure", *(NAMES.get(s, s) for s in systems),
+            *(f"{systems[0]}/{SHORT.get(s, s)}" for s in systems[1:]), "target")
+
+
+HEAD = head()
 Row = tuple[str, ...]
 Result = dict[str, Any] | None
 
@@ -35,8 +46,8 @@ def _gw_wait(step: dict[str, Any]) -> float:
     return gateway_share(step["cpu"], ":wait")
 
 
-def _row(label: str, values: dict[str, float | None], fmt: str, target: str = "",
-         cells: dict[str, str] | None = None, systems: tuple[str, ...] = SYSTEMS) -> Row:
+def _system_row(label: str, values: dict[str, float | None], fmt: str, target: str = "",
+                cells: dict[str, str] | None = None, systems: tuple[str, ...] = SYSTEMS) -> Row:
     """One figure: each system's value (or a ready-made cell), the first system's ratio
     to each of the others, the target."""
     shown = [cells[s] if cells and s in cells else _num(values.get(s), fmt) for s in systems]
@@ -73,26 +84,32 @@ def step_rows(name: str, steps: dict[str, Result], targets: dict[str, str],
                 cells[s] += " (failed)"
             if key == "lost":
                 cells[s] += f" ({st['gaps']})"
-        rows.append(_row(f"{name} {label}", values, fmt, targets.get(key, ""), cells, systems))
+        rows.append(_system_row(f"{name} {label}", values, fmt, targets.get(key, ""), cells,
+                                systems))
     rows.append((f"{name} msgs in from Redis per gateway",
                  *(_ints(steps[s]["messages_in"]) if steps.get(s) else "-" for s in systems),
                  *("" for _ in systems)))
     return rows
 
 
-def _pick(results: dict[str, Any], wl: str, fn: Callable[[dict[str, Any]], Result]
-          ) -> dict[str, Result]:
-    return {s: (fn(results[wl][s]) if results[wl].get(s) else None) for s in SYSTEMS}
-
-
-def build(results: dict[str, dict[str, Any]]) -> list[Row]:
+def build(results: dict[str, dict[str, Any]], systems: tuple[str, ...] = SYSTEMS) -> list[Row]:
+    """The table's rows for the systems that ran (`head(systems)` titles them)."""
     rows: list[Row] = []
+
+    def _pick(results: dict[str, Any], wl: str, fn: Callable[[dict[str, Any]], Result]
+              ) -> dict[str, Result]:
+        return {s: (fn(results[wl][s]) if results[wl].get(s) else None) for s in systems}
+
+    def _row(label: str, values: dict[str, float | None], fmt: str, target: str = "",
+             cells: dict[str, str] | None = None) -> Row:
+        return _system_row(label, values, fmt, target, cells, systems)
+
     for wl, label, target in (("W1", "W1 broadcast", ">= 50,000"),
                               ("W2", "W2 fan-out", ">= 120,000")):
         if wl not in results:
             continue
         rows += step_rows(f"{label} best (p99<250ms)", _pick(results, wl, lambda r: r["best"]),
-                           {"rate": target, "p99": "< 250"})
+                           {"rate": target, "p99": "< 250"}, systems)
         fails = _pick(results, wl, lambda r: r["failed_at"])
         rows.append(_row(f"{label} first failing offered rate/s",
                          {s: f["offered_per_s"] if f else None for s, f in fails.items()},
@@ -101,13 +118,14 @@ def build(results: dict[str, dict[str, Any]]) -> list[Row]:
             # The light rate: the first counted step (a publication reaches every
             # connection alone), where the cost per delivery is least amortised.
             light = _pick(results, wl, lambda r: r["steps"][0])
-            rows += [r for r in step_rows("W1 light (first step)", light, {"usd": "<= 6"})
+            rows += [r for r in step_rows("W1 light (first step)", light, {"usd": "<= 6"},
+                                          systems)
                      if "us per" in r[0] or "delivered msgs/s" in r[0]]
         if wl == "W2":
             rows += step_rows("W2 fixed 5,000/s", _pick(results, wl, lambda r: r["fixed"]),
-                               {"p99": "< 5"})
+                               {"p99": "< 5"}, systems)
     if "W3" in results:
-        w3 = {s: results["W3"].get(s) for s in SYSTEMS}
+        w3 = {s: results["W3"].get(s) for s in systems}
         for label, key, fmt, target in (
             ("connections open", "connections", ",d", ""),
             ("authenticated connects/s", "connects_per_s", ",.0f", ">= 1,500"),
@@ -126,15 +144,15 @@ def build(results: dict[str, dict[str, Any]]) -> list[Row]:
                            if k.startswith(key) and k.endswith(suffix) and (suffix or ":" not in k))
             rows.append(_row(f"W3 idle {label}", {s: cpu(r) for s, r in w3.items()}, ".0f"))
     if "pair" in results:
-        pair = {s: results["pair"].get(s) for s in SYSTEMS}
+        pair = {s: results["pair"].get(s) for s in systems}
         rows.append(_row("2 servers, disjoint jobs: published",
                          {s: r["published"] if r else None for s, r in pair.items()}, ",d"))
         rows.append(("2 servers: msgs in from Redis per server",
                      *(_ints(r["messages_in"]) if r else "-" for r in pair.values()),
-                     "", "", "each: own channels only"))
+                     *("" for _ in systems[1:]), "each: own channels only"))
         rows.append(("2 servers: delivered msgs/s / lost",
                      *(f"{r['delivered_per_s']:,.0f} / {r['lost']}" if r else "-"
-                       for r in pair.values()), "", "", ""))
+                       for r in pair.values()), *("" for _ in systems)))
     return rows
 
 

@@ -13,83 +13,25 @@ a local client watches). Each publication's client frame is built once and
 the same bytes written to every subscriber's stream (like Herald, unlike
 Tornado's `write_message`, which frames per connection). Nothing else: no
 offsets kept, no recovery, no flow-control bound, no rate limits, no
-metrics; on the stock asyncio loop, as Tornado runs by default.
+metrics; on the stock asyncio loop, as Tornado runs by default. The JWT
+check, the frames and the Redis fan-in are `benchmarks.baseline`'s, shared
+with the picows floor (`benchmarks.picows_server`).
 `GET /stats` answers `{"broker_messages_in": N}`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import struct
 from typing import Any
 
 import jwt
 import orjson
-import redis.asyncio as aioredis
 from tornado.iostream import StreamClosedError
 from tornado.web import Application, RequestHandler
 from tornado.websocket import WebSocketHandler
 
-PREFIX = "herald:pub:"
-_ids = itertools.count(1)
-
-
-def text_frame(payload: bytes) -> bytes:
-    size = len(payload)
-    if size < 126:
-        return struct.pack("!BB", 0x81, size) + payload
-    if size <= 0xFFFF:
-        return struct.pack("!BBH", 0x81, 126, size) + payload
-    return struct.pack("!BBQ", 0x81, 127, size) + payload
-
-
-class Fanout:
-    """channel -> local sockets; one Redis pub/sub connection for all of them."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.client = aioredis.from_url(redis_url)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self.rooms: dict[str, set[Socket]] = {}
-        self.messages_in = 0
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        # Connected (and read) before the first client: concurrent first
-        # subscribes would each open a connection of their own.
-        await self.pubsub.subscribe(PREFIX + "-")
-        self._reader = asyncio.create_task(self._read())
-
-    async def join(self, sock: Socket, channel: str) -> None:
-        room = self.rooms.get(channel)
-        if room is None:
-            room = self.rooms[channel] = set()
-            await self.pubsub.subscribe(PREFIX + channel)
-        room.add(sock)
-
-    def leave(self, sock: Socket) -> None:
-        for channel in sock.channels:
-            room = self.rooms.get(channel)
-            if room is not None:
-                room.discard(sock)
-
-    async def _read(self) -> None:
-        while True:
-            msg = await self.pubsub.get_message(timeout=None)
-            if msg is None or msg["type"] != "message":
-                continue
-            self.messages_in += 1
-            rec = orjson.loads(msg["data"])
-            room = self.rooms.get(rec["c"])
-            if not room:
-                continue
-            frame = text_frame(orjson.dumps({
-                "type": "message", "channel": rec["c"], "event": rec["e"],
-                "epoch": rec["p"], "offset": rec["o"], "data": rec["d"],
-            }))
-            for sock in tuple(room):
-                sock.send_frame(frame)
+from benchmarks.baseline import Fanout, bearer_claims, connected_frame, subscribed_frame
 
 
 class Socket(WebSocketHandler):
@@ -104,12 +46,9 @@ class Socket(WebSocketHandler):
         return True
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         try:
-            if scheme.lower() != "bearer":
-                raise jwt.InvalidTokenError("no bearer token")
-            self.claims = jwt.decode(token, self.secret, algorithms=["HS256"],
-                                     options={"require": ["sub", "exp"]})
+            self.claims = bearer_claims(self.request.headers.get("Authorization", ""),
+                                        self.secret)
         except jwt.PyJWTError:
             self.set_status(401)
             self.finish()
@@ -117,7 +56,7 @@ class Socket(WebSocketHandler):
         await super().get(*args, **kwargs)
 
     async def open(self, *args: Any, **kwargs: Any) -> None:
-        self.send_json({"type": "connected", "client": f"c{next(_ids)}"})
+        self.send_frame(connected_frame())
         await self._subscribe(f"user:{self.claims['sub']}", None)
 
     async def on_message(self, message: str | bytes) -> None:
@@ -127,15 +66,7 @@ class Socket(WebSocketHandler):
 
     async def _subscribe(self, channel: str, rid: Any) -> None:
         await self.fanout.join(self, channel)
-        self.channels.append(channel)
-        reply: dict[str, Any] = {"type": "subscribed", "channel": channel, "epoch": "",
-                                 "offset": 0}
-        if rid is not None:
-            reply["id"] = rid
-        self.send_json(reply)
-
-    def send_json(self, obj: dict[str, Any]) -> None:
-        self.send_frame(text_frame(orjson.dumps(obj)))
+        self.send_frame(subscribed_frame(channel, rid))
 
     def send_frame(self, frame: bytes) -> None:
         conn = self.ws_connection
@@ -155,7 +86,7 @@ class Stats(RequestHandler):
         self.fanout = fanout
 
     def get(self) -> None:
-        self.write({"broker_messages_in": self.fanout.messages_in})
+        self.write(self.fanout.stats())
 
 
 class Ready(RequestHandler):

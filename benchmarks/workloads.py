@@ -24,8 +24,8 @@ from benchmarks import profile
 from benchmarks.procs import SECRET, Cluster, Redis, rss_kib
 from benchmarks.steps import Rig, cpu_snapshot, describe, gateway_share, run_step, settle
 
-# Generator framing and publisher per system: the bare Tornado server speaks Herald's.
-MODES = {"herald": "herald", "sio": "sio", "tornado": "herald"}
+# Generator framing and publisher per system: the bare Tornado and picows servers speak Herald's.
+MODES = {"herald": "herald", "sio": "sio", "tornado": "herald", "picows": "herald"}
 
 
 @dataclass
