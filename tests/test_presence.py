@@ -13,6 +13,7 @@ import pytest
 
 from gateway.broker.presence import Member, MemoryPresence, Presence
 from gateway.broker.redis_presence import RedisPresence
+from gateway.cluster import connect as links
 from gateway.cluster.connect import connect as redis_connect
 from tests.conftest import api_headers, token
 from tests.support import http
@@ -84,6 +85,59 @@ async def test_a_channel_lists_at_most_its_limit(make_presence):
     assert await p.join("room:x", Member("c-2", "u", 1.0), 2)
     assert not await p.join("room:x", Member("c-3", "u", 1.0), 2)
     assert len(await p.members("room:x")) == 2
+
+
+async def test_a_reader_that_loses_its_cancellation_is_cancelled_again(redis_url):
+    # What CI saw: the events reader went on polling Redis after close()
+    # cancelled it, and close() waited on it until the test timed out. Here
+    # a real reader loop swallows the first cancellation the same way.
+    client = redis_connect(redis_url)
+    cancels = 0
+
+    async def reader() -> None:
+        nonlocal cancels
+        pubsub = client.pubsub()
+        await pubsub.subscribe("herald:test-stop")
+        try:
+            while True:
+                try:
+                    await pubsub.get_message(timeout=5.0)
+                except asyncio.CancelledError:
+                    cancels += 1
+                    if cancels > 1:
+                        raise
+        finally:
+            await pubsub.aclose()
+
+    task = asyncio.create_task(reader())
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(links.stop(task), 3)
+    assert task.cancelled() and cancels == 2
+    await client.aclose()
+
+
+async def test_a_task_that_never_stops_is_left_with_a_warning_not_waited_for(
+    monkeypatch, caplog
+):
+    monkeypatch.setattr(links, "STOP_ATTEMPTS", 3)
+    monkeypatch.setattr(links, "STOP_WAIT", 0.05)
+    done = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not done.is_set():
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(links.stop(task), 2)
+    assert not task.done()
+    assert "task stubborn did not stop after 3 cancellations" in caplog.text
+    done.set()
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
 
 
 @pytest.mark.parametrize("url_fixture", ["redis_url", "redis_cluster_url"])

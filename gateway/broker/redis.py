@@ -51,7 +51,7 @@ from gateway.broker.redis_streams import (
     publication,
 )
 from gateway.broker.subscriptions import Released, SubscriptionTable
-from gateway.cluster.connect import COMMAND_TIMEOUT, connect, describe
+from gateway.cluster.connect import COMMAND_TIMEOUT, connect, describe, stop
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.protocol.publication import Publication, new_epoch
@@ -139,9 +139,7 @@ class RedisBroker(RedisStreams):
         self._closing = True
         for task in (self._reader, self._auditor):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await stop(task)
         if self._conn is not None:
             await self._conn.disconnect()
         await self._pipe.close()

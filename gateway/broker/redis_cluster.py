@@ -25,7 +25,6 @@ resync instead of receiving other publications under offsets it has seen.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -49,7 +48,13 @@ from gateway.broker.redis_streams import (
     json_str,
     publication,
 )
-from gateway.cluster.connect import COMMAND_TIMEOUT, LINK_ERRORS, POOL_SIZE, connect_cluster
+from gateway.cluster.connect import (
+    COMMAND_TIMEOUT,
+    LINK_ERRORS,
+    POOL_SIZE,
+    connect_cluster,
+    stop,
+)
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.protocol.publication import Publication, new_epoch
@@ -190,8 +195,7 @@ class RedisClusterBroker(RedisStreams):
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop(task)
         await self.client.aclose()
 
     @property

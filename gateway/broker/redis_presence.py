@@ -38,7 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.broker.presence import JOIN, LEAVE, Member, Presence, PresenceUnavailable
-from gateway.cluster.connect import LINK_ERRORS, describe, refresh_slots, unavailable
+from gateway.cluster.connect import LINK_ERRORS, describe, refresh_slots, stop, unavailable
 
 log = logging.getLogger("herald.presence")
 
@@ -151,9 +151,7 @@ class RedisPresence(Presence):
 
     async def close(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task)
         self._tasks = []
         # A clean stop: this gateway's members leave now, not after the TTL.
         for channel, members in list(self._local.items()):

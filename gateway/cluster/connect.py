@@ -8,7 +8,9 @@ same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import redis.asyncio as aioredis
@@ -166,3 +168,30 @@ async def refresh_slots(client: aioredis.Redis | RedisCluster) -> None:
     if isinstance(client, RedisCluster):
         await client.initialize()  # a no-op once initialised
         await client.nodes_manager.initialize()
+
+
+# How often, and how long each time, `stop` cancels a reader task that runs on.
+STOP_ATTEMPTS = 20
+STOP_WAIT = 0.25
+
+
+async def stop(task: asyncio.Task[Any]) -> None:
+    """Cancel a task that reads from Redis and wait until it has ended.
+
+    Once is not always enough: a cancellation can be lost inside redis-py's
+    read (CI saw a presence events reader go on polling after `cancel()`,
+    and `close()` wait on it until the test timed out). So it is cancelled
+    again while it runs, `STOP_ATTEMPTS` times at most, and then left
+    behind with a warning rather than waited for forever. Whatever it
+    raised on the way out (a link error) is logged, not raised: it is
+    stopping.
+    """
+    for _ in range(STOP_ATTEMPTS):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_WAIT)
+    if not task.done():
+        log.warning("task %s did not stop after %d cancellations", task.get_name(), STOP_ATTEMPTS)
+    elif not task.cancelled() and task.exception() is not None:
+        log.debug("task %s ended with %r while stopping", task.get_name(), task.exception())

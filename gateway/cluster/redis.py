@@ -28,7 +28,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.cluster import control
-from gateway.cluster.connect import LINK_ERRORS, connect, describe, refresh_slots, unavailable
+from gateway.cluster.connect import (
+    LINK_ERRORS,
+    connect,
+    describe,
+    refresh_slots,
+    stop,
+    unavailable,
+)
 from gateway.cluster.directory import ControlHandler, Directory
 from gateway.cluster.keys import RegistryKeys
 from gateway.cluster.record import TTL, NodeRecord
@@ -102,9 +109,7 @@ class RedisDirectory(Directory):
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await stop(self._listener)
             self._listener = None
         await self.client.aclose()
 
