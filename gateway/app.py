@@ -11,7 +11,7 @@ from tornado.web import Application
 from gateway.core.node import Node
 from gateway.handlers import admin, api, ops, pages
 from gateway.handlers.sse import SseHandler
-from gateway.handlers.websocket import GatewayWebSocket
+from gateway.handlers.websocket import WebSocketUpgrade
 from gateway.security.proxies import TrustedProxies
 
 STATIC = Path(__file__).parent / "static"
@@ -39,7 +39,7 @@ def make_app(node: Node, **overrides: Any) -> Application:
     settings = node.settings
     deps = {"node": node}
     routes: list[Any] = [
-        (r"/ws", GatewayWebSocket, deps),
+        (r"/ws", WebSocketUpgrade, deps),
         (r"/sse", SseHandler, deps),
         (r"/api/v1/publish", api.PublishHandler, deps),
         (r"/api/v1/broadcast", api.BroadcastHandler, deps),
@@ -71,8 +71,5 @@ def make_app(node: Node, **overrides: Any) -> Application:
     return HeraldApplication(
         routes,
         TrustedProxies(settings.trusted_networks),
-        # Pings come from the node's one Heartbeat timer (gateway/core/heartbeat.py).
-        websocket_ping_interval=0,
-        websocket_max_message_size=settings.max_frame_bytes,
         **overrides,
     )

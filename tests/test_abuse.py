@@ -108,7 +108,7 @@ async def test_a_subscribe_flood_is_rate_limited_then_closed_4029(make_gateway, 
 
 
 async def test_invalid_utf8_text_frame_fails_the_connection(make_gateway, ws_client):
-    """RFC 6455 §8.1: invalid UTF-8 fails the connection (Tornado drops it at once)."""
+    """RFC 6455 §8.1: invalid UTF-8 fails the connection, closed 1007 (invalid data)."""
     gw = await make_gateway()
     bystander = await ws_client(gw, token("bystander"))
     raw = await asyncio.to_thread(
@@ -116,7 +116,7 @@ async def test_invalid_utf8_text_frame_fails_the_connection(make_gateway, ws_cli
     )
     await asyncio.to_thread(raw.send_frame, b'{"type":"ping","x":"\xff\xfe"}')
     messages, code = await asyncio.to_thread(raw.read_until_close)
-    assert code is None  # dropped without a close frame: no 1011, no reply
+    assert code == 1007  # said why, and no 1011 or reply to the request
     assert [m["type"] for m in messages] == ["connected", "subscribed"]
     raw.close()
     await assert_still_served(gw, bystander)

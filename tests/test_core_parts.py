@@ -1,9 +1,10 @@
 """The core's parts in isolation, beside the black-box suite: hub, outbox, recovery.
 
 Real parts only: the engines are the real memory engine and a real
-redis-server, the outbox writes to a real socket pair through Tornado's
-IOStream, and the subscribers are plain recording objects that implement
-the hub's `Subscriber` protocol (what a session is to the hub).
+redis-server, the outbox writes to a real socket pair through the event
+loop's transport under a WebSocket connection's protocol, and the
+subscribers are plain recording objects that implement the hub's
+`Subscriber` protocol (what a session is to the hub).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from tornado.iostream import IOStream
 
 from gateway.broker.base import Broker
 from gateway.broker.memory import MemoryBroker
@@ -23,6 +23,7 @@ from gateway.broker.redis_scripts import Keys
 from gateway.core.hub import Hub
 from gateway.core.outbox import SOFT_LIMIT, Outbox
 from gateway.core.recovery import Recovery
+from gateway.handlers.ws_protocol import WebSocketConnection
 from gateway.protocol.channels import Access, Namespace, Namespaces
 from gateway.protocol.publication import Position, Publication
 from gateway.protocol.wire import ws_text_frame
@@ -201,8 +202,12 @@ class Pair:
         self.ours, self.theirs = socket.socketpair()
         self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.stream = IOStream(self.ours)
         self.theirs.setblocking(False)
+        # The connection's own protocol on the event loop's transport, as a gateway has it.
+        self.conn = WebSocketConnection(1 << 16)
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self.conn, self.ours)
 
     async def drain(self, deadline: float = 5.0) -> bytes:
         """Read until the outbox has nothing left to send."""
@@ -224,20 +229,23 @@ class Pair:
         return bytes(out)
 
     def close(self) -> None:
-        self.stream.close()
+        self.conn.abort()
         self.theirs.close()
 
 
 @pytest.fixture
 async def pair() -> AsyncIterator[Pair]:
     p = Pair()
+    await p.start()
     yield p
     p.close()
 
 
 def outbox(pair: Pair, metrics: Metrics, overflows: list[int], **bounds: int) -> Outbox:
+    assert pair.conn.transport is not None
     return Outbox(
-        pair.stream,
+        pair.conn.transport,
+        pair.conn.drained,
         max_bytes=bounds.get("max_bytes", 1 << 20),
         max_messages=bounds.get("max_messages", 1000),
         metrics=metrics,
@@ -254,7 +262,7 @@ def fill_socket(box: Outbox) -> None:
     """Write past the soft limit so that the next frames queue in the outbox."""
     filler = ws_text_frame(b"f" * 1024)
     for _ in range(4 * SOFT_LIMIT // 1024):
-        if box.pending_bytes >= SOFT_LIMIT:
+        if box.pending_bytes > SOFT_LIMIT:
             return
         assert box.send(filler)
     raise AssertionError("the socket never filled")

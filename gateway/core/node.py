@@ -25,7 +25,7 @@ from gateway.core.admin import Admin
 from gateway.core.backend import BackendCalls, Caller
 from gateway.core.heartbeat import Heartbeat
 from gateway.core.hub import Hub
-from gateway.core.outbox import Outbox
+from gateway.core.outbox import Outbox, Sink
 from gateway.core.presence import PresenceTracker
 from gateway.core.recovery import Recovery, resume
 from gateway.core.registry import RegistryWriter
@@ -39,10 +39,6 @@ from gateway.telemetry import audit, tracing
 from gateway.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
-    from asyncio import Future
-
-    from tornado.iostream import IOStream
-
     from gateway.core.session import Session
 
 log = logging.getLogger("herald.node")
@@ -196,14 +192,14 @@ class Node:
 
     def outbox(
         self,
-        stream: IOStream,
+        sink: Sink,
+        drained: Callable[[], asyncio.Future[None]],
         on_overflow: Callable[[], None],
-        write: Callable[[bytes], Future[None]] | None = None,
     ) -> Outbox:
         """A bounded outgoing path for a new connection, with this node's limits."""
         return Outbox(
-            stream,
-            write=write,
+            sink,
+            drained,
             max_bytes=self.settings.send_buffer_bytes,
             max_messages=self.settings.send_buffer_messages,
             metrics=self.metrics,

@@ -12,21 +12,32 @@ holds up the others.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from asyncio import Future
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
-
-from tornado.iostream import IOStream, StreamClosedError
+from typing import Any, Protocol
 
 from gateway.protocol.publication import Publication
 from gateway.telemetry.metrics import Metrics
 
-# Above this many unsent bytes in the socket buffer, frames queue (and may conflate).
+# Above this many unsent bytes in the transport's buffer, frames queue (and may conflate).
 SOFT_LIMIT = 64 * 1024
 
 _keys = itertools.count()
+
+
+class Sink(Protocol):
+    """Where frames go: an asyncio transport (WebSocket) or SSE's chunked response.
+
+    The two methods the hot path calls are an asyncio transport's own, so a
+    WebSocket's outbox writes to the event loop's transport with nothing in
+    between (under uvloop, C all the way to `send`).
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+    def get_write_buffer_size(self) -> int: ...
 
 
 class Outbox:
@@ -34,35 +45,33 @@ class Outbox:
     # (no per-instance __dict__).
     __slots__ = (
         "_conflatable",
+        "_drained",
         "_max_bytes",
         "_max_messages",
         "_metrics",
         "_on_overflow",
         "_queue",
         "_queued_bytes",
-        "_raw",
-        "_stream",
+        "_sink",
         "_waiting",
-        "_write",
         "closed",
     )
 
     def __init__(
         self,
-        stream: IOStream,
+        sink: Sink,
+        drained: Callable[[], asyncio.Future[None]],
         *,
-        write: Callable[[bytes], Future[None]] | None = None,
         max_bytes: int,
         max_messages: int,
         metrics: Metrics,
         conflatable: Callable[[Publication], bool],
         on_overflow: Callable[[], None],
     ) -> None:
-        self._stream = stream
-        # Raw frames by default (WebSocket); SSE passes its chunked HTTP writer.
-        self._write = write or stream.write
-        # Direct socket sends only for raw frames on a plain (non-TLS) stream.
-        self._raw = write is None and type(stream) is IOStream
+        self._sink = sink
+        # A future that resolves once the sink's buffer is back under its low
+        # mark (at once when it is not over the high one); fails if it closed.
+        self._drained = drained
         self._max_bytes = max_bytes
         self._max_messages = max_messages
         self._metrics = metrics
@@ -70,116 +79,94 @@ class Outbox:
         self._on_overflow = on_overflow
         # key -> frame; a conflatable publication's key is its channel, so a
         # newer one replaces it (and moves to the back, keeping offsets ordered).
-        self._queue: OrderedDict[Any, bytes] = OrderedDict()
+        self._queue: OrderedDict[Any, bytes] | None = None
         self._queued_bytes = 0
         self._waiting = False
+        # Set by the connection when it closes (or sends its close frame):
+        # nothing is written after that.
         self.closed = False
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes not yet on the wire: the queue plus the socket's own buffer."""
-        if self._stream.closed():
-            return self._queued_bytes
-        return self._queued_bytes + len(self._stream._write_buffer)  # no public accessor
+        """Bytes not yet on the wire: the queue plus the transport's own buffer."""
+        return self._queued_bytes + self._sink.get_write_buffer_size()
 
     def send(self, frame: bytes, pub: Publication | None = None) -> bool:
         """Send one frame (of `pub`, if it is a publication); False if the connection is done.
 
         The fan-out's hot path, once per delivery: the common case (nothing
-        queued, the socket's buffer empty) is a few attribute reads and one
-        `send` system call.
+        queued, the transport's buffer under the mark) is two calls on the
+        transport, the second of which is the `send` itself.
         """
-        stream = self._stream
         if self._queue or self.closed:
-            return not (self.closed or stream._closed) and self._enqueue(frame, pub)
-        # Tornado drops the buffer when the stream closes; its size without
-        # the method call of len() (no public accessor for either).
-        buffer = stream._write_buffer
-        if buffer is None or stream._closed:
-            return False
-        pending = buffer._size
-        if pending == 0 and self._raw:
-            # Nothing queued anywhere: hand the bytes to the kernel ourselves,
-            # skipping IOStream's per-write Future. Whatever the kernel does
-            # not take goes through IOStream as usual, so order is kept.
-            try:
-                sent = stream.socket.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # let IOStream see the error and close the stream
-            if sent == len(frame):
-                return True
-            frame = frame[sent:]
-        elif pending >= SOFT_LIMIT:
+            return not self.closed and self._enqueue(frame, pub)
+        sink = self._sink
+        if sink.get_write_buffer_size() > SOFT_LIMIT:
             return self._enqueue(frame, pub)
-        try:
-            self._write(frame)
-        except StreamClosedError:
-            self.closed = True
-            return False
+        sink.write(frame)
         return True
 
     async def writable(self) -> None:
-        """Wait until the socket has taken what it was given (paced replays).
+        """Wait until the transport has taken what it was given (paced replays).
 
         A recovery replay can be far larger than the bound; written in one
         go it would close the very client it is meant to repair.
         """
-        while not self.closed and not self._stream.closed() and self.pending_bytes > SOFT_LIMIT:
+        while not self.closed and self.pending_bytes > SOFT_LIMIT:
+            waiter = self._drained()
+            if waiter.done():
+                await asyncio.sleep(0.01)  # over the mark by the queue alone: let it drain
+                continue
             try:
-                await self._write(b"")
-            except StreamClosedError:
+                await waiter
+            except (ConnectionError, OSError):
                 self.closed = True
 
     def _enqueue(self, frame: bytes, pub: Publication | None) -> bool:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = OrderedDict()
         key: Any = next(_keys)
         if pub is not None and self._conflatable(pub):
             key = ("conflate", pub.channel)
-            old = self._queue.pop(key, None)
+            old = queue.pop(key, None)
             if old is not None:
                 self._queued_bytes -= len(old)
                 self._metrics.conflated.inc()
-        self._queue[key] = frame
+        queue[key] = frame
         self._queued_bytes += len(frame)
-        if len(self._queue) > self._max_messages or self.pending_bytes > self._max_bytes:
+        if len(queue) > self._max_messages or self.pending_bytes > self._max_bytes:
             self._overflow()
             return False
         if not self._waiting:
-            self._wait_for_drain()
+            self._waiting = True
+            self._drained().add_done_callback(self._on_drained)
         return True
 
-    def _wait_for_drain(self) -> None:
-        self._waiting = True
-        try:
-            # An empty write resolves once everything written so far is flushed.
-            self._write(b"").add_done_callback(self._drained)
-        except StreamClosedError:
-            self.closed = True
-
-    def _drained(self, future: Any) -> None:
+    def _on_drained(self, future: asyncio.Future[None]) -> None:
         self._waiting = False
-        if future.exception() is not None or self.closed:
+        if future.cancelled() or future.exception() is not None or self.closed:
             self.closed = True
             return
-        stream = self._stream
-        while self._queue and len(stream._write_buffer) < SOFT_LIMIT:
-            _, frame = self._queue.popitem(last=False)
+        queue = self._queue
+        sink = self._sink
+        while queue and sink.get_write_buffer_size() <= SOFT_LIMIT:
+            _, frame = queue.popitem(last=False)
             self._queued_bytes -= len(frame)
-            try:
-                self._write(frame)
-            except StreamClosedError:
-                self.closed = True
-                return
-        if self._queue:
-            self._wait_for_drain()
+            sink.write(frame)
+        if queue:
+            self._waiting = True
+            self._drained().add_done_callback(self._on_drained)
+        else:
+            self._queue = None  # an idle connection keeps no empty queue
 
     def _overflow(self) -> None:
         """Over the bound: every queued publication is dropped for this client (it
         will recover them by offset), and it is closed as a slow consumer."""
-        self._metrics.dropped.labels("slow_consumer").inc(len(self._queue))
+        queue = self._queue or {}
+        self._metrics.dropped.labels("slow_consumer").inc(len(queue))
         self._metrics.slow_consumers.inc()
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
         self.closed = True
         self._on_overflow()

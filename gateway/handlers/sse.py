@@ -85,6 +85,36 @@ class SseSession(Session):
         return self.handler.outbox
 
 
+class _ChunkSink:
+    """The outbox's sink over Tornado's chunked response: a chunk, then a flush.
+
+    Each event goes out as soon as it is written (an EventSource shows what
+    it has); what the socket has not taken waits in the IOStream's buffer,
+    whose size is the outbox's measure of a slow client.
+    """
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler: SseHandler) -> None:
+        self._handler = handler
+
+    def write(self, data: bytes) -> None:
+        handler = self._handler
+        if handler._finished or handler.request.connection.stream.closed():
+            return  # the stream ended: the handler's close path stops the session
+        handler.write(data)
+        handler.flush()
+
+    def get_write_buffer_size(self) -> int:
+        stream = self._handler.request.connection.stream
+        buffer = stream._write_buffer  # no public accessor; None once closed
+        return 0 if stream.closed() or buffer is None else len(buffer)
+
+    def drained(self) -> Future[None]:
+        """An empty flush resolves once everything written so far is on the wire."""
+        return self._handler.flush()
+
+
 class SseHandler(JsonHandler):
     """One EventSource stream: checks first, then `connected`, subscriptions, live events."""
 
@@ -114,9 +144,8 @@ class SseHandler(JsonHandler):
         self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
         self.write(f"retry: {RETRY_MS}\n\n")
         self.flush()
-        self.outbox = node.outbox(
-            self.request.connection.stream, self._slow_consumer, write=self._write_chunk
-        )
+        sink = _ChunkSink(self)
+        self.outbox = node.outbox(sink, sink.drained, self._slow_consumer)
         node.metrics.connects.labels("sse").inc()
         node.metrics.connections.labels("sse").inc()
         try:
@@ -202,10 +231,6 @@ class SseHandler(JsonHandler):
             return False
         return True
 
-    def _write_chunk(self, chunk: bytes) -> Future[None]:
-        self.write(chunk)
-        return self.flush()
-
     def _slow_consumer(self) -> None:
         """Past the outbox's bound: cut the stream; the client resumes by Last-Event-ID."""
         self._close_code = CloseCode.SLOW_CONSUMER
@@ -223,6 +248,8 @@ class SseHandler(JsonHandler):
         self._done.set()
 
     def on_connection_close(self) -> None:
+        if self.outbox is not None:
+            self.outbox.closed = True
         if self._close_code is None:
             self._close_code = 1001  # the client went away
         self._done.set()

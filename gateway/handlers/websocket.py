@@ -1,10 +1,14 @@
 """`GET /ws`: the WebSocket transport of the protocol (PROTOCOL.md §2).
 
-States: connected-unauthenticated (only `auth` and `ping` are accepted, for
-at most `auth_timeout` seconds) then authenticated (everything). Every
-frame goes through one writer, `_write_frame`, which puts pre-built text
-frames straight on the stream: publications are framed once per node, and
-control replies share the same ordered path.
+Two parts, as in Tornado's handler/protocol split. `WebSocketUpgrade` is
+an ordinary request handler: admission, the upgrade headers, Origin, the
+101, then it hands the socket to the event loop and is gone.
+`GatewayWebSocket` is the connection from then on, one object on an
+asyncio transport (`handlers.ws_protocol` does RFC 6455): connected-
+unauthenticated (only `auth` and `ping` are accepted, for at most
+`auth_timeout` seconds), then authenticated (everything). Every frame goes
+through the connection's outbox: publications are framed once per node,
+and control replies share the same ordered path.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from tornado.httputil import HTTPHeaders
-from tornado.websocket import WebSocketHandler
+from tornado.web import RequestHandler
 
 from gateway.core.backend import Caller, regrant
 from gateway.core.node import Node, parse_since
 from gateway.core.outbox import Outbox
 from gateway.core.session import Session
+from gateway.handlers.ws_protocol import WebSocketConnection, accept_key, take_socket, valid_key
 from gateway.protocol import frames, wire
 from gateway.protocol.channels import own_channel, validate_channel
 from gateway.protocol.errors import HTTP_STATUS, CloseCode, ProtocolError
@@ -34,9 +38,6 @@ log = logging.getLogger("herald.ws")
 
 # RPCs one connection may have waiting on the backend at once.
 MAX_RPCS_IN_FLIGHT = 16
-
-# Shared, empty, never written: what an upgraded connection keeps of its HTTP headers.
-_NO_HEADERS = HTTPHeaders()
 
 
 def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
@@ -67,73 +68,161 @@ class WsSession(Session):
     def __init__(self, handler: GatewayWebSocket, client_id: str, claims: Claims) -> None:
         super().__init__(client_id, claims)
         self.handler = handler
+        assert handler.outbox is not None
+        self._outbox = handler.outbox
 
     def push(self, pub: Publication) -> bool:
         # The fan-out's hot path: straight to the outbox, which is marked
-        # closed as soon as the handler closes (see close_with).
-        outbox = self.handler.outbox
-        return outbox is not None and outbox.send(pub.ws_frame, pub)
+        # closed as soon as the connection closes (see close).
+        return self._outbox.send(pub.ws_frame, pub)
 
     def send_json(self, message: dict[str, Any]) -> None:
         self.handler.write_frame(wire.ws_text_frame(wire.encode(message)))
 
     def close(self, code: int, reason: str) -> None:
-        self.handler.close_with(code, reason)
+        self.handler.close(code, reason)
 
     @property
     def outbox(self) -> Outbox | None:
-        return self.handler.outbox
+        return self._outbox
 
     def heartbeat(self) -> None:
         self.handler.heartbeat()
 
 
-class GatewayWebSocket(WebSocketHandler):
+class WebSocketUpgrade(RequestHandler):
+    """The HTTP side of `/ws`: check the upgrade request, answer 101, hand the socket on.
+
+    Refusals are HTTP answers before the upgrade (the same statuses
+    Tornado's WebSocketHandler gives): admission (draining, an address's
+    attempt rate) with the HTTP API's error body, then 400 for a request
+    that is no WebSocket upgrade, 403 for a foreign Origin, 426 for
+    another protocol version.
+    """
+
     node: Node
 
     def initialize(self, node: Node) -> None:
         self.node = node
-        settings = node.settings
+
+    async def get(self) -> None:
+        node = self.node
+        headers = self.request.headers
+        try:
+            node.check_open(self.request.remote_ip or "")
+        except ProtocolError as exc:
+            self.set_status(HTTP_STATUS[exc.code])
+            self.finish(frames.problem(exc.code, exc.message))
+            return
+        if headers.get("Upgrade", "").lower() != "websocket":
+            self._refuse(400, 'Can "Upgrade" only to "WebSocket".')
+            return
+        connection = {part.strip().lower() for part in headers.get("Connection", "").split(",")}
+        if "upgrade" not in connection:
+            self._refuse(400, '"Connection" must be "Upgrade".')
+            return
+        origin = headers.get("Origin")
+        if origin is not None and not origin_allowed(
+            origin, self.request.host, node.settings.allowed_origins
+        ):
+            self._refuse(403, "Cross origin websockets not allowed")
+            return
+        if headers.get("Sec-WebSocket-Version") != "13":
+            self.set_header("Sec-WebSocket-Version", "13")
+            self._refuse(426, "Upgrade Required")
+            return
+        key = headers.get("Sec-WebSocket-Key", "")
+        if not valid_key(key):
+            self._refuse(400, "Missing/Invalid WebSocket headers")
+            return
+        token = self._handshake_token()
+        address = self.request.remote_ip or ""
+        # No extension (a per-connection deflate would forbid writing one
+        # pre-built frame to all) and no subprotocol.
+        self.clear_header("Content-Type")
+        self.set_status(101)
+        self.set_header("Upgrade", "websocket")
+        self.set_header("Connection", "Upgrade")
+        self.set_header("Sec-WebSocket-Accept", accept_key(key))
+        self.finish()
+        stream = self.detach()
+        try:
+            await stream.write(b"")  # the 101 is on the wire (almost always already)
+        except OSError:
+            return  # the client left mid-handshake
+        sock, early = take_socket(stream)
+        conn = GatewayWebSocket(node, token, address, early)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+        except OSError:
+            sock.close()
+
+    def _refuse(self, status: int, why: str) -> None:
+        self.set_status(status)
+        self.finish(why)
+
+    def _handshake_token(self) -> str | None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        query = self.get_query_argument("token", None)
+        if query is None:
+            return None
+        if not self.node.settings.allow_query_token:
+            return ""  # the connection refuses it, saying why
+        return query
+
+
+class GatewayWebSocket(WebSocketConnection):
+    """One client's connection after the upgrade: authentication, then its requests."""
+
+    __slots__ = (
+        "_abuse",
+        "_awaiting_pong",
+        "_bucket",
+        "_expiry",
+        "_gone",
+        "_our_close_code",
+        "_rpcs",
+        "_timers",
+        "_token",
+        "_unauthenticated",
+        "address",
+        "client_id",
+        "node",
+        "outbox",
+        "session",
+    )
+
+    def __init__(self, node: Node, token: str | None, address: str, early: bytes) -> None:
+        super().__init__(node.settings.max_frame_bytes, early)
+        self.node = node
+        self._token = token  # from the handshake; dropped once used
+        self.address = address
         self.client_id = node.new_client_id()
         self.session: WsSession | None = None
+        settings = node.settings
         self._bucket = TokenBucket(settings.rate_per_second, settings.rate_burst)
         self._abuse = AbuseCounter(settings.rate_abuse_limit)
         self._timers: list[asyncio.TimerHandle] = []
         self._expiry: asyncio.TimerHandle | None = None
         self._our_close_code: int | None = None
-        self.outbox: Outbox | None = None
+        self.outbox: Outbox | None = None  # once the transport is there
         self._unauthenticated = False
         self._awaiting_pong = False
         self._gone = False
         self._rpcs = 0
 
-    # -- handshake --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The outbox writes to the transport itself: nothing in between.
+        assert isinstance(transport, asyncio.Transport)
+        self.outbox = self.node.outbox(transport, self.drained, self._slow_consumer)
+        super().connection_made(transport)
 
-    def prepare(self) -> None:
-        try:
-            self.node.check_open(self.request.remote_ip or "")
-        except ProtocolError as exc:
-            # Refused before the upgrade, with the HTTP API's error body.
-            self.set_status(HTTP_STATUS[exc.code])
-            self.finish(frames.problem(exc.code, exc.message))
-
-    def check_origin(self, origin: str) -> bool:
-        return origin_allowed(origin, self.request.host, self.node.settings.allowed_origins)
-
-    def get_compression_options(self) -> None:
-        # No permessage-deflate: it would make every connection's frame
-        # different and forbid writing one pre-built frame to all.
-        return None
-
-    async def open(self) -> None:
+    async def opened(self) -> None:
         self.node.metrics.connects.labels("ws").inc()
-        token = self._handshake_token()
-        self._shed_handshake_state()
-        assert self.ws_connection is not None
-        self.outbox = self.node.outbox(
-            self.ws_connection.stream,
-            lambda: self.close_with(CloseCode.SLOW_CONSUMER, "slow consumer"),
-        )
+        token, self._token = self._token, None
         if token == "":
             self._fail_auth(ProtocolError("unauthorized", "query-string tokens are disabled"))
             return
@@ -145,30 +234,8 @@ class GatewayWebSocket(WebSocketHandler):
         self._unauthenticated = True
         self.node.metrics.unauthenticated.inc()
 
-    def _shed_handshake_state(self) -> None:
-        """Drop the HTTP request's and response's headers once upgraded.
-
-        Nothing reads them after the handshake, and at 20,000 idle
-        connections they are a large share of the memory per connection.
-        """
-        request = self.request
-        request.headers = _NO_HEADERS
-        request.arguments = request.query_arguments = request.body_arguments = {}
-        request.files = {}
-        self._headers = _NO_HEADERS
-        self.ui = None  # template helpers: never used by a WebSocket
-
-    def _handshake_token(self) -> str | None:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-        query = self.get_query_argument("token", None)
-        if query is None:
-            return None
-        if not self.node.settings.allow_query_token:
-            return ""  # open() refuses it, saying why
-        return query
+    def _slow_consumer(self) -> None:
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     def _auth_timed_out(self) -> None:
         if self.session is None:
@@ -180,7 +247,7 @@ class GatewayWebSocket(WebSocketHandler):
         try:
             verified = self.node.auth.verify(
                 token, refresh=self.session is not None, client=self.client_id,
-                address=self.request.remote_ip, transport="ws",
+                address=self.address, transport="ws",
             )
             claims = await tracing.auth_span(verified, "ws", self.client_id)
         except ProtocolError as exc:
@@ -194,14 +261,14 @@ class GatewayWebSocket(WebSocketHandler):
         self._timers.clear()
         self._left_unauthenticated()
         session = WsSession(self, self.client_id, claims)
-        session.address = self.request.remote_ip or ""
+        session.address = self.address
         try:
             extra = await self.node.backend.connect(session)
         except ProtocolError as exc:
             # Refused by the backend: credentials (4001); backend down: try later (1013).
             self._send_error(exc, rid)
             busy = exc.code == "unavailable"
-            self.close_with(CloseCode.OVERLOADED if busy else CloseCode.UNAUTHORIZED, exc.code)
+            self.close(CloseCode.OVERLOADED if busy else CloseCode.UNAUTHORIZED, exc.code)
             return
         if self._gone:
             return  # the client left while the backend was asked
@@ -209,7 +276,7 @@ class GatewayWebSocket(WebSocketHandler):
             self.node.admit(session)
         except ProtocolError as exc:
             self._send_error(exc, rid)
-            self.close_with(CloseCode.RATE_LIMIT, "too many connections")
+            self.close(CloseCode.RATE_LIMIT, "too many connections")
             return
         self.session = session
         self.node.metrics.connections.labels("ws").inc()
@@ -304,7 +371,7 @@ class GatewayWebSocket(WebSocketHandler):
 
     def _fail_auth(self, exc: ProtocolError, rid: str | int | None = None) -> None:
         self._send_error(exc, rid)
-        self.close_with(CloseCode.UNAUTHORIZED, exc.code)
+        self.close(CloseCode.UNAUTHORIZED, exc.code)
 
     # -- requests ---------------------------------------------------------
 
@@ -319,7 +386,7 @@ class GatewayWebSocket(WebSocketHandler):
             if not self._bucket.take():
                 if self._abuse.record():
                     self._send_error(ProtocolError("rate_limited", "too many requests"), None)
-                    self.close_with(CloseCode.RATE_LIMIT, "rate limit abuse")
+                    self.close(CloseCode.RATE_LIMIT, "rate limit abuse")
                     return
                 raise ProtocolError("rate_limited", "too many requests; slow down")
             request = wire.decode_request(message, node.settings.max_json_depth)
@@ -415,30 +482,32 @@ class GatewayWebSocket(WebSocketHandler):
 
     def write_frame(self, frame: bytes, pub: Publication | None = None) -> bool:
         """Send one pre-built frame through the connection's bounded outbox."""
-        if self.outbox is None or self._our_close_code is not None:
+        if self.outbox is None or self.closing:
             return False
         return self.outbox.send(frame, pub)
 
-    def close_with(self, code: int, reason: str) -> None:
-        if self._our_close_code is None:
+    def close(self, code: int, reason: str = "") -> None:
+        """Close with a protocol close code; counted under it unless the peer closed first."""
+        if self.closing:
+            return
+        if not self._close_received:
             self._our_close_code = code
-            if self.outbox is not None:
-                self.outbox.closed = True  # nothing more after our close frame
-            self.close(code, reason)
+        if self.outbox is not None:
+            self.outbox.closed = True  # nothing more after our close frame
+        super().close(code, reason)
 
     def heartbeat(self) -> None:
         """Called by the node's Heartbeat each interval: ping, or close a dead peer."""
         if self._awaiting_pong:
-            self.close_with(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+            self.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
             return
         self._awaiting_pong = True
-        if self.ws_connection is not None and self._our_close_code is None:
-            self.ping(b"")
+        self.ping()
 
-    def on_pong(self, data: bytes) -> None:
+    def on_pong(self) -> None:
         self._awaiting_pong = False
 
-    def on_ping(self, data: bytes) -> None:
+    def on_ping(self) -> None:
         self._awaiting_pong = False  # a peer that pings us is alive too
 
     def _left_unauthenticated(self) -> None:
@@ -448,6 +517,8 @@ class GatewayWebSocket(WebSocketHandler):
 
     def on_close(self) -> None:
         self._gone = True
+        if self.outbox is not None:
+            self.outbox.closed = True
         self._left_unauthenticated()
         for timer in self._timers:
             timer.cancel()

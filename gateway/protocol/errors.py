@@ -34,6 +34,8 @@ HTTP_STATUS: dict[str, int] = {
 
 class CloseCode:
     NORMAL = 1000
+    PROTOCOL_ERROR = 1002  # the client broke RFC 6455's framing
+    INVALID_DATA = 1007  # a text frame that is not UTF-8
     TOO_LARGE = 1009
     INTERNAL = 1011
     RESTARTING = 1012

@@ -7,13 +7,13 @@ subscriber receives.
 
 from __future__ import annotations
 
-import struct
 import time
 from typing import Any
 
 import orjson
 
 from gateway.protocol.errors import ProtocolError
+from gateway.protocol.ws_frames import OP_TEXT, ws_frame
 
 # The formatted second of the last timestamp: publications come many per second,
 # and `strftime(gmtime())` is most of the cost of formatting one.
@@ -81,14 +81,7 @@ def ws_text_frame(payload: bytes) -> bytes:
     Server frames are unmasked and Herald negotiates no compression, so the
     same bytes are valid on every connection: build once, write to all.
     """
-    size = len(payload)
-    if size < 126:
-        header = struct.pack("!BB", 0x81, size)
-    elif size <= 0xFFFF:
-        header = struct.pack("!BBH", 0x81, 126, size)
-    else:
-        header = struct.pack("!BBQ", 0x81, 127, size)
-    return header + payload
+    return ws_frame(OP_TEXT, payload)
 
 
 def sse_event_id(channel: str, epoch: str, offset: int) -> str:
