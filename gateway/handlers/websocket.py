@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 from tornado.web import RequestHandler
@@ -216,8 +216,10 @@ class GatewayWebSocket(WebSocketConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The outbox writes to the transport itself: nothing in between.
-        assert isinstance(transport, asyncio.Transport)
-        self.outbox = self.node.outbox(transport, self.drained, self._slow_consumer)
+        # (uvloop's transports implement asyncio's API without subclassing it.)
+        self.outbox = self.node.outbox(
+            cast(asyncio.Transport, transport), self.drained, self._slow_consumer
+        )
         super().connection_made(transport)
 
     async def opened(self) -> None:

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import socket
 from collections import deque
+from typing import cast
 
 from tornado.iostream import IOStream
 
@@ -129,10 +130,10 @@ class WebSocketConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio's API without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         # Past the high mark the outbox queues (and conflates); see gateway.core.outbox.
-        transport.set_write_buffer_limits(high=SOFT_LIMIT, low=SOFT_LIMIT // 4)
+        self.transport.set_write_buffer_limits(high=SOFT_LIMIT, low=SOFT_LIMIT // 4)
         self._task = asyncio.ensure_future(self._run(opening=True))
         early, self._early = self._early, b""
         if early:
