@@ -47,22 +47,47 @@ class _Channel:
     # Live subscribers and how to write to each: the fan-out loop calls these
     # and nothing else. Insertion-ordered: subscribe order is delivery order.
     live: dict[Subscriber, Push] = field(default_factory=dict)
-    # Recovering subscribers and the live publications that arrived meanwhile.
-    recovering: dict[Subscriber, list[Publication]] = field(default_factory=dict)
-    # Recovering subscribers whose buffer hit its bound.
-    overflowed: set[Subscriber] = field(default_factory=set)
+    # Recovering subscribers and the live publications that arrived meanwhile,
+    # and those whose buffer hit its bound. Both are None while empty, which
+    # is nearly always: a channel of one idle subscriber keeps only `live`.
+    recovering: dict[Subscriber, list[Publication]] | None = None
+    overflowed: set[Subscriber] | None = None
     # The last position this node dispatched (or, before any publication, read):
     # what an overlap is dropped against, and where a resync starts from.
     position: Position | Publication | None = None
 
     def __contains__(self, sub: Subscriber) -> bool:
-        return sub in self.live or sub in self.recovering
+        return sub in self.live or (self.recovering is not None and sub in self.recovering)
 
     def __len__(self) -> int:
-        return len(self.live) + len(self.recovering)
+        return len(self.live) + len(self.recovering or ())
 
     def subscribers(self) -> list[Subscriber]:
-        return [*self.live, *self.recovering]
+        return [*self.live, *(self.recovering or ())]
+
+    def start_recovering(self, sub: Subscriber) -> None:
+        if self.recovering is None:
+            self.recovering = {}
+        self.recovering[sub] = []
+        self.clear_overflow(sub)
+
+    def stop_recovering(self, sub: Subscriber) -> list[Publication] | None:
+        """What was buffered for `sub` (None: it was not recovering)."""
+        if self.recovering is None:
+            return None
+        buffered = self.recovering.pop(sub, None)
+        if not self.recovering:
+            self.recovering = None
+        return buffered
+
+    def clear_overflow(self, sub: Subscriber) -> bool:
+        """Whether `sub` had overflowed its recovery buffer (and no longer counts as such)."""
+        if self.overflowed is None or sub not in self.overflowed:
+            return False
+        self.overflowed.discard(sub)
+        if not self.overflowed:
+            self.overflowed = None
+        return True
 
 
 class Hub:
@@ -117,8 +142,7 @@ class Hub:
         if ch.live.pop(sub, None) is not None and ch.position is not None:
             # What it was written live ends here: its replay must not repeat it.
             sub.reached(ch.channel, Position(ch.position.epoch, ch.position.offset))
-        ch.overflowed.discard(sub)
-        ch.recovering[sub] = []
+        ch.start_recovering(sub)
 
     async def add(self, sub: Subscriber, channel: str) -> None:
         """Register `sub` in recovering state; returns once the broker feeds the channel."""
@@ -185,9 +209,9 @@ class Hub:
         stream with a hole would be losing messages silently.
         """
         ch = self._channels.get(channel)
-        if ch is None or sub not in ch.recovering:
+        buffered = ch.stop_recovering(sub) if ch is not None else None
+        if ch is None or buffered is None:
             return True
-        buffered = ch.recovering.pop(sub)
         last = ch.position
         if last is None or last.epoch != after.epoch or last.offset < after.offset:
             # The replay may have read past what this node has dispatched:
@@ -196,8 +220,7 @@ class Hub:
             ch.live[sub] = _skip_until(ch, sub, after)
         else:
             ch.live[sub] = sub.push
-        if sub in ch.overflowed:
-            ch.overflowed.discard(sub)
+        if ch.clear_overflow(sub):
             return False
         for pub in buffered:
             if pub.offset > after.offset:
@@ -214,8 +237,8 @@ class Hub:
         if ch is None or sub not in ch:
             return False
         ch.live.pop(sub, None)
-        ch.recovering.pop(sub, None)
-        ch.overflowed.discard(sub)
+        ch.stop_recovering(sub)
+        ch.clear_overflow(sub)
         self.subscription_count -= 1
         if ch:
             return False
@@ -245,6 +268,8 @@ class Hub:
                 if len(buffered) < bound:
                     buffered.append(pub)
                 else:
+                    if ch.overflowed is None:
+                        ch.overflowed = set()
                     ch.overflowed.add(sub)
         live = tuple(ch.live.values())
         for push in live:

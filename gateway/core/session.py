@@ -19,12 +19,24 @@ from gateway.security.auth import Claims
 
 class Session(abc.ABC):
     transport: ClassVar[str]
-    # What a connect hook granted (core.backend.Grant); most connections have none.
-    granted: Any = None
+    # One per connection, idle for hours: no per-instance __dict__.
+    __slots__ = (
+        "_live_from",
+        "_sent",
+        "address",
+        "claims",
+        "connected_at",
+        "granted",
+        "id",
+        "last_active",
+        "subscriptions",
+    )
 
     def __init__(self, client_id: str, claims: Claims) -> None:
         self.id = client_id
         self.claims = claims
+        # What a connect hook granted (core.backend.Grant); most connections have none.
+        self.granted: Any = None
         self.subscriptions: set[str] = set()
         # Per channel, how far this connection was written before it last
         # went live (replay end) or stopped (a re-subscribe), and where live

@@ -56,6 +56,7 @@ def parse_position(raw: str, what: str) -> tuple[str, tuple[str, int]]:
 
 class SseSession(Session):
     transport = "sse"
+    __slots__ = ("handler",)
 
     def __init__(self, handler: SseHandler, client_id: str, claims: Claims) -> None:
         super().__init__(client_id, claims)

@@ -64,6 +64,7 @@ def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
 
 class WsSession(Session):
     transport = "ws"
+    __slots__ = ("_outbox", "handler")
 
     def __init__(self, handler: GatewayWebSocket, client_id: str, claims: Claims) -> None:
         super().__init__(client_id, claims)

@@ -208,9 +208,10 @@ class WebSocketConnection(asyncio.Protocol):
             self.close(CloseCode.INTERNAL, "internal error")
         finally:
             self._task = None
-        if self._inbox and not self._close_sent:
-            self._task = asyncio.ensure_future(self._run(opening=False))
-        elif self._paused_reading and not self._close_sent:
+        # Everything read is handled (or dropped by a close): an idle connection
+        # keeps no empty deque, and the next read starts a new run.
+        self._inbox = None
+        if self._paused_reading and not self._close_sent:
             self._paused_reading = False
             self.transport.resume_reading()  # type: ignore[union-attr]
 

@@ -99,6 +99,10 @@ def _claim_path(payload: dict[str, Any], path: str) -> Any:
     return value
 
 
+# Most tokens carry no roles: one shared empty set instead of one each.
+_NO_ROLES: frozenset[str] = frozenset()
+
+
 def _str_set(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -219,7 +223,7 @@ class Authenticator:
         return Claims(
             sub=sub,
             exp=float(payload["exp"]),
-            roles=frozenset(_str_set(_claim_path(payload, opts.jwt_roles_claim))),
+            roles=frozenset(_str_set(_claim_path(payload, opts.jwt_roles_claim))) or _NO_ROLES,
             channels=tuple(_str_set(_claim_path(payload, opts.jwt_channels_claim))),
             info=info,
         )
