@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections import deque
 from dataclasses import dataclass, field
 
 SUBSCRIBE = True
@@ -46,8 +45,10 @@ class _Entry:
     wanted: bool = False
     # What Redis has confirmed for this channel on this connection.
     in_redis: bool = False
-    # Commands sent and not yet answered, oldest first (SUBSCRIBE / UNSUBSCRIBE).
-    inflight: deque[bool] = field(default_factory=deque)
+    # Commands sent and not yet answered, oldest first (SUBSCRIBE / UNSUBSCRIBE):
+    # rarely more than two, so a list (an empty deque is ten times its size,
+    # and there is one entry per channel of every idle connection).
+    inflight: list[bool] = field(default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     @property
@@ -165,7 +166,7 @@ class SubscriptionTable:
         if entry is None or not entry.inflight:
             return  # nothing of ours asked for it
         self._inflight -= 1
-        entry.inflight.popleft()
+        del entry.inflight[0]
         if not entry.inflight:
             entry.in_redis = subscribed
         self._settle(channel, entry)

@@ -23,6 +23,7 @@ from gateway.config import Settings
 from gateway.core import publishing
 from gateway.core.admin import Admin
 from gateway.core.backend import BackendCalls, Caller
+from gateway.core.deadlines import Deadlines
 from gateway.core.heartbeat import Heartbeat
 from gateway.core.hub import Hub
 from gateway.core.outbox import Outbox, Sink
@@ -88,6 +89,8 @@ class Node:
             self.id, self.directory, self.broker, self.metrics, self.stats
         )
         self.heartbeat = Heartbeat(self.sessions, settings.heartbeat)
+        # Every connection's token expiry, on one timer (see core.deadlines).
+        self.deadlines = Deadlines()
         self.admission = Admission(
             settings.ip_connect_rate, settings.ip_connect_burst, settings.max_connections_per_user
         )
@@ -129,6 +132,7 @@ class Node:
 
     async def close(self) -> None:
         await self.heartbeat.stop()
+        self.deadlines.clear()
         await self.registry.stop()
         if self.presence is not None:
             await self.presence.store.close()

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, cast
 from urllib.parse import urlparse
 
 from tornado.web import RequestHandler
 
 from gateway.core.backend import Caller, regrant
+from gateway.core.deadlines import Entry
 from gateway.core.node import Node, parse_since
 from gateway.core.outbox import Outbox
 from gateway.core.session import Session
@@ -207,7 +207,7 @@ class GatewayWebSocket(WebSocketConnection):
         self._bucket = TokenBucket(settings.rate_per_second, settings.rate_burst)
         self._abuse = AbuseCounter(settings.rate_abuse_limit)
         self._timers: list[asyncio.TimerHandle] = []
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry: Entry | None = None  # in the node's Deadlines
         self._our_close_code: int | None = None
         self.outbox: Outbox | None = None  # once the transport is there
         self._unauthenticated = False
@@ -349,10 +349,10 @@ class GatewayWebSocket(WebSocketConnection):
                 )
 
     def _schedule_expiry(self, claims: Claims) -> None:
+        deadlines = self.node.deadlines
         if self._expiry is not None:
-            self._expiry.cancel()
-        delay = max(0.0, claims.exp - time.time())
-        self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+            deadlines.cancel(self._expiry)
+        self._expiry = deadlines.at(claims.exp, self._token_expired)
 
     def _token_expired(self) -> None:
         if self.session is not None and self.node.backend.hooks.enabled("refresh"):
@@ -526,7 +526,8 @@ class GatewayWebSocket(WebSocketConnection):
         for timer in self._timers:
             timer.cancel()
         if self._expiry is not None:
-            self._expiry.cancel()
+            self.node.deadlines.cancel(self._expiry)
+            self._expiry = None
         code = self._our_close_code or self.close_code or 1006
         self.node.metrics.disconnects.labels(str(code)).inc()
         if self.session is not None:
