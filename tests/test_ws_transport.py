@@ -16,6 +16,7 @@ import time
 
 import orjson
 
+from gateway.core.outbox import SOFT_LIMIT
 from gateway.handlers.ws_protocol import CLOSE_TIMEOUT, accept_key
 from tests.conftest import token
 from tests.rawws import RawWs
@@ -154,6 +155,61 @@ async def test_a_burst_of_requests_past_the_read_ahead_is_answered_in_order(make
 
     assert await asyncio.to_thread(run) == list(range(300))
     raw.close()
+
+
+async def test_a_client_that_pings_without_reading_cannot_grow_the_write_buffer(
+    make_gateway, ws_client
+):
+    """Pongs skip the outbox, so a ping flood from a client that does not read
+    must not queue a pong per ping: once the socket's buffer is full, only the
+    newest ping is answered when the client reads again (RFC 6455 §5.5.3)."""
+    gw = await make_gateway()
+    bystander = await ws_client(gw, token("bystander"))
+    raw = await asyncio.to_thread(
+        RawWs, gw.port, {"Authorization": f"Bearer {token('pinger')}"}, 4096
+    )
+    count = 100_000
+    # A zero masking key leaves the payload as it is: cheap to build, still a masked frame.
+    flood = b"".join(
+        struct.pack("!BB", 0x89, 0x80 | 125) + b"\0\0\0\0" + f"{i:08d}".encode().ljust(125, b".")
+        for i in range(count)
+    )
+    for _ in range(500):  # the session registers once the token is verified
+        pinger = [s for s in gw.node.sessions if s.claims.sub == "pinger"]
+        if pinger:
+            break
+        await asyncio.sleep(0.01)
+    (session,) = pinger
+    transport = session.handler.transport
+    largest = 0
+    sent = asyncio.ensure_future(asyncio.to_thread(raw.sock.sendall, flood))
+    for _ in range(100_000):  # bounded: the flood takes well under a second per 10,000
+        largest = max(largest, transport.get_write_buffer_size())
+        if sent.done():
+            break
+        await asyncio.sleep(0.001)
+    await sent
+
+    def read_pongs() -> list[int]:
+        seen = []
+        for _ in range(count + 10):
+            opcode, payload = raw.read_frame()
+            if opcode == 0xA:
+                seen.append(int(payload[:8]))
+                if seen[-1] == count - 1:
+                    break
+        return seen
+
+    seen = await asyncio.to_thread(read_pongs)
+    assert largest <= SOFT_LIMIT + 256  # one high mark, not 13 MB of pongs
+    assert seen == sorted(set(seen))  # in order, none twice
+    assert seen[-1] == count - 1  # the newest ping is answered
+    assert len(seen) < count  # the ones in between were folded into it
+    raw.send_json({"type": "ping", "id": "after"})
+    reply = await asyncio.to_thread(raw.read_frame)
+    assert orjson.loads(reply[1])["id"] == "after"
+    raw.close()
+    await assert_still_served(gw, bystander)
 
 
 async def test_upgrade_requests_that_are_not_websocket_13_get_http_answers(make_gateway):

@@ -90,6 +90,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_early",
         "_inbox",
         "_paused_reading",
+        "_pending_pong",
         "_reader",
         "_task",
         "close_code",
@@ -109,6 +110,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._inbox: deque[bytes | str] | None = None
         self._task: asyncio.Task[None] | None = None
         self._paused_reading = False
+        self._pending_pong: bytes | None = None
 
     # -- what a subclass says ----------------------------------------------
 
@@ -158,7 +160,7 @@ class WebSocketConnection(asyncio.Protocol):
             elif opcode == OP_PING:
                 assert isinstance(payload, bytes)
                 if not self._close_sent:
-                    self.write_raw(ws_frame(OP_PONG, payload))
+                    self._pong(payload)
                 self.on_ping()
             elif opcode == OP_PONG:
                 self.on_pong()
@@ -179,6 +181,9 @@ class WebSocketConnection(asyncio.Protocol):
             self._drain_waiter = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
+        pong, self._pending_pong = self._pending_pong, None
+        if pong is not None and not self._close_sent:
+            self.write_raw(ws_frame(OP_PONG, pong))
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -230,6 +235,19 @@ class WebSocketConnection(asyncio.Protocol):
             waiter = asyncio.get_running_loop().create_future()
             waiter.set_result(None)
         return waiter
+
+    def _pong(self, payload: bytes) -> None:
+        """Answer a ping; while the peer is not reading, only its newest one.
+
+        Pongs skip the outbox (they must not wait behind publications), so
+        a client that pings without reading would otherwise grow the
+        transport's buffer without bound. RFC 6455 §5.5.3 lets an endpoint
+        answer only the most recent of several pings.
+        """
+        if self._drain_waiter is None:
+            self.write_raw(ws_frame(OP_PONG, payload))
+        else:
+            self._pending_pong = payload
 
     def ping(self) -> None:
         if not self._close_sent:
