@@ -260,3 +260,47 @@ async def test_publish_many_keeps_order_and_fails_items_alone(engine):
     ]
     hist = await broker.history(USER, "user:p0", None, 10)
     assert [p.data["i"] for p in hist.publications] == [0, 2, 4]
+
+
+# -- what the Redis engines do with a record that is not a publication -----------------
+
+NOT_RECORDS = [
+    b"not json",
+    b"[1, 2]",
+    b'{"c":"user:bad"}',  # fields missing
+    b'{"c":"user:bad","e":"n","d":1,"p":"x","o":"2","t":1.0,"m":{}}',  # offset a string
+    b'{"c":"user:bad","e":"n","d":1,"p":"x","o":2,"t":"now","m":{}}',  # time a string
+]
+
+
+@pytest.mark.parametrize("engine", ["redis", "cluster"], indirect=True)
+async def test_a_record_that_is_not_a_publication_is_counted_and_dropped(engine):
+    """Anything that can write to Redis can put bytes where records go. Each bad
+    one costs itself, counted (`bad_records`): the fan-in connection stays up,
+    the publications around it arrive, and a history with one in it is
+    reported incomplete (its offset is a hole), never passed off as whole."""
+    broker, rec = engine
+    assert isinstance(broker, RedisBroker | RedisClusterBroker)
+    k = broker.keys
+    channel = "user:bad"
+    await broker.subscribe([channel])
+    await broker.publish(USER, channel, "n", {"n": 1})
+    await rec.wait_for(1)
+    for raw in NOT_RECORDS:  # on the fan-in channel
+        if isinstance(broker, RedisClusterBroker):
+            await broker.client.spublish(k.shard_pubsub(channel), raw)
+        else:
+            await broker.client.publish(k.pubsub(channel), raw)
+    # And one in the history, where offset 2 would be.
+    await broker.client.xadd(k.stream(channel), {"r": b"not json"}, id="2-1")
+    await broker.client.hincrby(k.meta(channel), "offset", 1)
+    await broker.publish(USER, channel, "n", {"n": 3})
+    await rec.wait_for(2)
+    assert [(p.offset, p.data) for p in rec.pubs] == [(1, {"n": 1}), (3, {"n": 3})]
+    assert broker.bad_records.count == len(NOT_RECORDS)
+    assert broker.reconnects == 0 and rec.resubscribed == []
+    hist = await broker.history(USER, channel, 1, 10)
+    assert [p.offset for p in hist.publications] == [3] and not hist.complete
+    assert broker.bad_records.count == len(NOT_RECORDS) + 1
+    whole = await broker.history(USER, channel, 2, 10)  # after the hole: whole again
+    assert [p.offset for p in whole.publications] == [3] and whole.complete

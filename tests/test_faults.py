@@ -192,3 +192,31 @@ async def test_after_a_redis_restart_the_new_epoch_is_delivered_not_only_a_snaps
     ]
     assert gw.node.metrics.registry.get_sample_value(
         "herald_recoveries_total", {"recovered": "false"}) >= 1
+
+
+# -- bytes on a Herald channel that are not a publication --------------------------------
+
+
+async def test_a_record_that_is_not_a_publication_costs_only_itself(
+    redis_url, make_gateway, ws_client
+):
+    """Before, one bad record made the reader drop its Redis connection (and
+    resynchronise every channel); now the client gets the next publication
+    and the metric counts the bad one."""
+    gw = await make_gateway(redis_url=redis_url)
+    client = await ws_client(gw, token("cy"))
+    reply = await client.request({"type": "subscribe", "id": 1, "channel": "public:bad"})
+    assert reply["type"] == "subscribed"
+    await publish(gw, "public:bad", "note", {"n": 1})
+    assert (await client.expect("message"))["offset"] == 1
+    raw = aioredis.from_url(redis_url)
+    try:
+        await raw.publish("herald:pub:public:bad", b"not json")
+    finally:
+        await raw.aclose()
+    await publish(gw, "public:bad", "note", {"n": 2})
+    message = await client.expect("message")
+    assert (message["offset"], message["data"]) == (2, {"n": 2})
+    registry = gw.node.metrics.registry
+    assert registry.get_sample_value("herald_broker_bad_records_total") == 1
+    assert registry.get_sample_value("herald_broker_reconnects_total") == 0

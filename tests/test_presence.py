@@ -162,6 +162,31 @@ async def test_a_redis_gateway_that_stops_refreshing_loses_its_members(request, 
     await alive.close()
 
 
+async def test_a_presence_record_that_is_not_one_costs_only_itself(redis_url):
+    """Bytes on a presence events channel or in a channel's member hash that
+    Herald did not write: each is dropped and counted, the events reader keeps
+    reading (before, it restarted and lost the events of the next second),
+    and the listing shows the members that are members."""
+    store = RedisPresence(redis_connect(redis_url), ttl=3.0)
+    await store.start()
+    try:
+        seen = events_of(store)
+        await store.watch("room:bad")
+        await asyncio.sleep(0.1)  # the watch's SUBSCRIBE is on the wire
+        raw = redis_connect(redis_url)
+        for junk in (b"not json", b'{"k":"join","m":{"c":1}}', b'{"m":{}}'):
+            await raw.publish(store._events("room:bad"), junk)
+        await raw.hset(store._keys("room:bad")[0], "c-junk", b"[]")
+        await store.join("room:bad", Member("c-ok", "u", 1.0), 10)
+        await until(lambda: len(seen) == 1)
+        assert seen == [("join", "room:bad", "c-ok")]
+        assert [m.client for m in await store.members("room:bad")] == ["c-ok"]
+        assert store.bad_records.count == 4
+        await raw.aclose()
+    finally:
+        await store.close()
+
+
 # -- through gateways ---------------------------------------------------------
 
 ROOMS = orjson.dumps({"room": {"access": "authenticated", "presence": True, "join_leave": True,

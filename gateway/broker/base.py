@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.broker.bad_records import BadRecords
 from gateway.protocol.channels import Namespace
 from gateway.protocol.errors import BrokerUnavailable, ProtocolError
 from gateway.protocol.publication import History, Publication, Snapshot
@@ -58,6 +59,8 @@ class Broker(abc.ABC):
         # out of step with the engine by its audit (then repaired).
         self.stalls = 0
         self.drift = 0
+        # Records in the engine that were not publications (each one dropped).
+        self.bad_records = BadRecords("publication record")
 
     def bind(self, on_publication: OnPublication, on_resubscribed: OnResubscribed) -> None:
         """Wire the engine to its node.

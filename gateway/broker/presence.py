@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from gateway.broker.bad_records import BadRecords
 from gateway.protocol import wire
 
 JOIN, LEAVE = "join", "leave"
@@ -48,11 +49,16 @@ class Member:
 
     @classmethod
     def from_record(cls, raw: bytes | str) -> Member:
+        """Raises `ValueError` (or `KeyError`, `TypeError`) for what is not a member record."""
         return cls.from_dict(orjson.loads(raw))
 
     @classmethod
     def from_dict(cls, r: dict[str, Any]) -> Member:
-        return cls(r["c"], r["u"], r["s"], r.get("i"))
+        member = cls(r["c"], r["u"], r["s"], r.get("i"))
+        if not (type(member.client) is str and type(member.user) is str
+                and type(member.since) in (float, int)):
+            raise ValueError("not a member record (a field of the wrong type)")
+        return member
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -77,6 +83,7 @@ class Presence(abc.ABC):
     def __init__(self) -> None:
         self._on_event: PresenceCallback = lambda kind, channel, member: None
         self._watchers: dict[str, int] = {}
+        self.bad_records = BadRecords("presence record")
 
     def bind(self, on_event: PresenceCallback) -> None:
         self._on_event = on_event

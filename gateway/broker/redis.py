@@ -437,7 +437,12 @@ class RedisBroker(RedisStreams):
                 if name.startswith(prefix):
                     self.messages_in += 1
                     if name[plen:] in wanted:
-                        on_publication(Publication.from_record(orjson.loads(reply[2])))
+                        try:
+                            pub = Publication.from_json(reply[2])
+                        except ValueError as exc:
+                            self.bad_records.drop(reply[2], exc)
+                            continue
+                        on_publication(pub)
             elif kind == b"subscribe" or kind == b"unsubscribe":
                 self._on_subscription_reply(reply)
 

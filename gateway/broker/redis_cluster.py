@@ -455,7 +455,11 @@ class RedisClusterBroker(RedisStreams):
         channel = self.keys.shard_channel(name.decode())
         if channel not in self._wanted:
             return
-        pub = Publication.from_record(orjson.loads(payload))
+        try:
+            pub = Publication.from_json(payload)
+        except ValueError as exc:
+            self.bad_records.drop(payload, exc)
+            return
         if self._superseded and self._superseded.get(channel) == pub.epoch:
             return  # an epoch the fence closed
         held = self._held.get(channel)

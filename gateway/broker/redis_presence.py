@@ -194,7 +194,13 @@ class RedisPresence(Presence):
         records = await self._cmd(
             self._read(keys=self._keys(channel), args=[self._events(channel)])
         )
-        return [Member.from_record(r) for r in records]
+        members = []
+        for raw in records:
+            try:
+                members.append(Member.from_record(raw))
+            except (ValueError, KeyError, TypeError) as exc:
+                self.bad_records.drop(raw, exc)
+        return members
 
     async def refresh(self) -> None:
         """Re-assert every local member (and expire others'): one script call per
@@ -249,9 +255,15 @@ class RedisPresence(Presence):
                     if msg is None or msg.get("type") != "message":
                         continue
                     channel = msg["channel"].decode()[skip:]
-                    event = orjson.loads(msg["data"])
-                    if event.get("k") in (JOIN, LEAVE):
-                        self._emit(event["k"], channel, Member.from_dict(event["m"]))
+                    try:
+                        event = orjson.loads(msg["data"])
+                        kind = event["k"]
+                        member = Member.from_dict(event["m"]) if kind in (JOIN, LEAVE) else None
+                    except (ValueError, KeyError, TypeError) as exc:
+                        self.bad_records.drop(msg["data"], exc)
+                        continue
+                    if member is not None:
+                        self._emit(kind, channel, member)
             except (RedisError, RedisClusterException, *LINK_ERRORS) as exc:
                 log.warning("presence events connection lost: %s", describe(exc))
             except Exception:  # a bug must not end join/leave for good: log, start over

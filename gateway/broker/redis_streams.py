@@ -45,16 +45,6 @@ def json_str(value: str) -> str:
     return orjson.dumps(value).decode()
 
 
-def _decode(entries: list[Any], horizon: float) -> list[Publication]:
-    """Stream entries -> publications, dropping the ones older than the history age."""
-    pubs = []
-    for _id, fields in entries:
-        pub = Publication.from_record(orjson.loads(fields[1]))  # the one field, `r`
-        if pub.time >= horizon:
-            pubs.append(pub)
-    return pubs
-
-
 def publication(item: PublishItem, now: float, reply: Any) -> Publication:
     """The publish script's reply as the publication it made (or the original, or an error)."""
     if isinstance(reply, hiredis.ReplyError | Exception):
@@ -81,6 +71,25 @@ class RedisStreams(Broker):
         self.client = client
         self.keys = keys
         self._read = client.register_script(READ)
+
+    def _decode(self, entries: list[Any], horizon: float) -> tuple[list[Publication], bool]:
+        """Stream entries -> publications, dropping the ones older than the history age.
+
+        Also says whether a bad record was dropped: the history then has a
+        hole, and must not be reported complete.
+        """
+        pubs = []
+        damaged = False
+        for _id, fields in entries:
+            try:
+                pub = Publication.from_json(fields[1])  # the one field, `r`
+            except (ValueError, IndexError) as exc:
+                self.bad_records.drop(fields, exc)
+                damaged = True
+                continue
+            if pub.time >= horizon:
+                pubs.append(pub)
+        return pubs, damaged
 
     async def _cmd(self, awaitable: Any) -> Any:
         try:
@@ -110,14 +119,14 @@ class RedisStreams(Broker):
             namespace, channel, "history", start, limit + 1
         )
         offset = int(offset)
-        pubs = _decode(entries, time.time() - namespace.history_ttl)
+        pubs, damaged = self._decode(entries, time.time() - namespace.history_ttl)
         cut = len(pubs) > limit
         pubs = pubs[:limit]
         if since is None:
-            complete = not cut
+            complete = not cut and not damaged
         else:
             first = pubs[0].offset if pubs else offset + 1
-            complete = since <= offset and first <= since + 1 and not cut
+            complete = since <= offset and first <= since + 1 and not cut and not damaged
         return History(epoch.decode(), offset, pubs, complete)
 
     async def snapshot(self, namespace: Namespace, channel: str) -> Snapshot:

@@ -94,13 +94,13 @@ class Node:
         self.admission = Admission(
             settings.ip_connect_rate, settings.ip_connect_burst, settings.max_connections_per_user
         )
-        self.metrics.bind(self._scrape)
         self.backend = BackendCalls(settings, self.namespaces, self.metrics)
         self.admin = Admin(self)
         # Only a node with a presence namespace opens a presence store.
         self.presence: PresenceTracker | None = None
         if any(ns.presence for ns in self.namespaces):
             self.presence = PresenceTracker(create_presence(settings), self.hub, self.metrics)
+        self.metrics.bind(self._scrape)  # last: the first scrape reads all of the above
 
     def _on_publication(self, pub: Publication) -> None:
         if tracing.enabled:
@@ -111,12 +111,20 @@ class Node:
             self.metrics.messages_out.inc(delivered)
         self.metrics.delivery_latency.observe(max(0.0, time.time() - pub.time))
 
+    def bad_records(self) -> int:
+        """Records from the engine that were not Herald's, dropped (publications, presence)."""
+        count = self.broker.bad_records.count
+        if self.presence is not None:
+            count += self.presence.store.bad_records.count
+        return count
+
     def _scrape(self) -> dict[str, float]:
         return {
             "up": float(self.broker.ready),
             "reconnects": float(self.broker.reconnects),
             "stalls": float(self.broker.stalls),
             "drift": float(self.broker.drift),
+            "bad_records": float(self.bad_records()),
             "messages_in": float(self.broker.messages_in),
             "draining": float(self.draining),
         }

@@ -13,9 +13,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from gateway.protocol import wire
 
 TERMINAL_JOB_EVENTS = frozenset({"completed", "failed", "cancelled"})
+_NUMBER = (float, int)
 
 
 _random = random.Random()  # seeded from os.urandom, per process
@@ -86,6 +89,28 @@ class Publication:
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Publication:
         return cls(rec["c"], rec["e"], rec["d"], rec["p"], rec["o"], rec["t"], rec.get("m") or {})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Publication:
+        """A publication from the Redis engine's record (the publish script's JSON).
+
+        Raises `ValueError` for bytes that are not one. Whatever can PUBLISH
+        or XADD to Redis can put bytes where records go; a bad one must cost
+        that record (counted by the engine), not the fan-in connection or a
+        later comparison of offsets in the hub.
+        """
+        try:
+            pub = cls.from_record(orjson.loads(raw))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a publication record ({exc!r})") from None
+        if (
+            type(pub.channel) is type(pub.event) is type(pub.epoch) is str
+            and type(pub.offset) is int
+            and type(pub.time) in _NUMBER
+            and type(pub.meta) is dict
+        ):
+            return pub
+        raise ValueError("not a publication record (a field of the wrong type)")
 
 
 @dataclass(slots=True)

@@ -196,6 +196,11 @@ class _NodeCollector(Collector):
             value=values["drift"],
         )
         yield CounterMetricFamily(
+            "herald_broker_bad_records",
+            "Records in the engine that were not publications, dropped (their offsets are gaps)",
+            value=values["bad_records"],
+        )
+        yield CounterMetricFamily(
             "herald_broker_messages_in",
             "Publications received from the engine for local subscribers",
             value=values["messages_in"],
