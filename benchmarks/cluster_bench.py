@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help="comma-separated: herald, sio, tornado, picows (default all four)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="also sample the gateway with py-spy at W1/W2's best rate")
+                        help="also sample the gateway with py-spy: W1/W2 at their best "
+                             "rate, W3's connects (a second, profiled pass)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                         help="the gateways' HERALD_EVENT_LOOP (default auto: uvloop)")

@@ -213,6 +213,8 @@ class Bench:
         finally:
             await self.finish(cluster)
         self.results.setdefault("W3", {})[system] = result
+        if self.profile_dir is not None and system == "herald":
+            await self.profiled_connects(conns, owners, wall)
 
     def rig_cpu(self, cluster: Cluster) -> dict[str, float]:
         return cpu_snapshot(self.rig.pids(cluster))
@@ -245,6 +247,25 @@ class Bench:
         step = await run_step(self.rig, cluster, channels, rate, duration)
         await profile.finish(spy, max(0.0, duration + 5 - (time.monotonic() - t0)))
         self.say(f"  profiled step ({name}): {describe(step)}")
+        self.report_profile(name, out)
+
+    async def profiled_connects(self, conns: list[dict], owners: dict[str, str],
+                                seconds: float) -> None:
+        """W3's connects again, on a fresh gateway, py-spy sampling it while they open."""
+        assert self.profile_dir is not None
+        out = self.profile_dir / "w3.txt"
+        cluster = await self.cluster("herald", self.gateways)
+        try:
+            await asyncio.sleep(1)
+            spy = await profile.start(cluster.pids[0], max(seconds, 5.0), out)
+            opened = await self.open("herald", cluster, conns, owners)
+            await profile.finish(spy, 10.0)
+        finally:
+            await self.finish(cluster)
+        self.say(f"  profiled connects (w3): {opened['opened']:,} in {opened['connect_s']:.1f} s")
+        self.report_profile("w3", out)
+
+    def report_profile(self, name: str, out: Path) -> None:
         top = profile.top_functions(out)
         self.results.setdefault("profile", {})[name] = top
         for line in profile.format_top(top):
