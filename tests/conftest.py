@@ -7,6 +7,10 @@
   between tests); `redis_cluster` kills, restarts and reshards it.
 - `make_gateway`: starts in-process Tornado gateways on free ports.
 - `ws_client`: connects a real WebSocket client (the `websockets` library).
+
+In-process tests run on the stock asyncio loop; a module marked `both_loops`
+runs on uvloop too, which is what `herald serve` runs on: the WebSocket
+transport's writes, pauses and buffer sizes are uvloop's own code there.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import orjson
 import pytest
+import uvloop
 import websockets
 from websockets.asyncio.client import ClientConnection
 
@@ -37,6 +42,14 @@ from tests.redis_cluster import RedisCluster
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 API_KEY = "test-api-key"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.get_closest_marker("both_loops") is not None:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}  # one factory: test ids unchanged
 
 
 def free_port() -> int:

@@ -21,6 +21,9 @@ from tornado.httpclient import AsyncHTTPClient
 from tests.conftest import WsClient, api_headers, token
 from tests.rawws import RawWs
 
+# The WebSocket transport is the event loop's: test it on herald serve's loop too.
+pytestmark = pytest.mark.both_loops
+
 
 async def publish(gw, channel: str, data: object) -> None:
     body = {"channel": channel, "event": "note", "data": data}

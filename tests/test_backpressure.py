@@ -10,10 +10,14 @@ import asyncio
 import itertools
 
 import orjson
+import pytest
 
 from gateway.sdk.publisher import HttpPublisher
 from tests.conftest import API_KEY, token
 from tests.rawws import RawWs
+
+# The WebSocket transport is the event loop's: test it on herald serve's loop too.
+pytestmark = pytest.mark.both_loops
 
 NAMESPACES = orjson.dumps({"job": {"history_size": 2000}}).decode()
 BOUND = 1024 * 1024

@@ -29,6 +29,9 @@ from gateway.protocol.publication import Position, Publication
 from gateway.protocol.wire import ws_text_frame
 from gateway.telemetry.metrics import Metrics
 
+# The WebSocket transport is the event loop's: test it on herald serve's loop too.
+pytestmark = pytest.mark.both_loops
+
 JOB = Namespace("job", Access.OWNER, history_size=50, history_ttl=3600, state=True)
 USER = Namespace("user", Access.USER, history_size=50, history_ttl=3600)
 NAMESPACES = Namespaces([JOB, USER])

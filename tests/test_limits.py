@@ -15,6 +15,9 @@ from gateway.protocol.errors import CloseCode
 from tests.conftest import api_headers, token
 from tests.support import http, publish
 
+# The WebSocket transport is the event loop's: test it on herald serve's loop too.
+pytestmark = pytest.mark.both_loops
+
 
 async def still_open(client) -> None:
     assert (await client.request({"type": "ping", "id": "alive"}))["type"] == "pong"

@@ -7,8 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from tests.conftest import token
 from tests.support import publish, register_job
+
+# The WebSocket transport is the event loop's: test it on herald serve's loop too.
+pytestmark = pytest.mark.both_loops
 
 
 async def progress(gw, job: str, n: int) -> dict:

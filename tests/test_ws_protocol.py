@@ -18,6 +18,9 @@ from gateway.protocol.errors import CloseCode
 from tests.conftest import token
 from tests.support import publish, register_job
 
+# The WebSocket transport is the event loop's: test it on herald serve's loop too.
+pytestmark = pytest.mark.both_loops
+
 
 async def test_connected_describes_the_connection(gateway, ws_client):
     """`connected` carries client, node, user, heartbeat, expires and timestamp."""

@@ -15,6 +15,7 @@ import struct
 import time
 
 import orjson
+import pytest
 
 from gateway.core.outbox import SOFT_LIMIT
 from gateway.handlers.ws_protocol import CLOSE_TIMEOUT, accept_key
@@ -22,6 +23,9 @@ from tests.conftest import token
 from tests.rawws import RawWs
 from tests.test_abuse import assert_still_served
 from tests.test_ws_frames import client_frame
+
+# The WebSocket transport is the event loop's: test it on herald serve's loop too.
+pytestmark = pytest.mark.both_loops
 
 
 def handshake(port: int, extra: str = "") -> tuple[bytes, str]:
