@@ -304,3 +304,17 @@ async def test_a_record_that_is_not_a_publication_is_counted_and_dropped(engine)
     assert broker.bad_records.count == len(NOT_RECORDS) + 1
     whole = await broker.history(USER, channel, 2, 10)  # after the hole: whole again
     assert [p.offset for p in whole.publications] == [3] and whole.complete
+
+
+@pytest.mark.parametrize("engine", ["redis", "cluster"], indirect=True)
+async def test_a_state_entry_that_is_not_herald_s_is_left_out_of_the_snapshot(engine):
+    broker, _ = engine
+    assert isinstance(broker, RedisBroker | RedisClusterBroker)
+    channel = "job:bad-state"
+    await broker.publish(JOB, channel, "progress", {"pct": 40})
+    state_key = broker.keys.state(channel)
+    await broker.client.hset(state_key, '"stage"', b"not json")
+    await broker.client.hset(state_key, "[1]", b"{}")  # an event that is not a string
+    snap = await broker.snapshot(JOB, channel)
+    assert snap.state == {"progress": {"pct": 40}} and snap.offset == 1
+    assert broker.bad_records.count == 2

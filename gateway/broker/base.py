@@ -59,8 +59,8 @@ class Broker(abc.ABC):
         # out of step with the engine by its audit (then repaired).
         self.stalls = 0
         self.drift = 0
-        # Records in the engine that were not publications (each one dropped).
-        self.bad_records = BadRecords("publication record")
+        # Records in the engine that Herald did not write (each one dropped).
+        self.bad_records = BadRecords("Redis record")
 
     def bind(self, on_publication: OnPublication, on_resubscribed: OnResubscribed) -> None:
         """Wire the engine to its node.

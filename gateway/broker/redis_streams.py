@@ -131,7 +131,15 @@ class RedisStreams(Broker):
 
     async def snapshot(self, namespace: Namespace, channel: str) -> Snapshot:
         epoch, offset, flat = await self._read_channel(namespace, channel, "state", -1, 0)
-        state = {orjson.loads(flat[i]): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+        state = {}
+        for i in range(0, len(flat), 2):  # event (a JSON string) -> its latest data
+            try:
+                event = orjson.loads(flat[i])
+                if type(event) is not str:
+                    raise ValueError("a state entry whose event is not a string")
+                state[event] = orjson.loads(flat[i + 1])
+            except ValueError as exc:
+                self.bad_records.drop(flat[i + 1], exc)
         return Snapshot(epoch.decode(), int(offset), state)
 
     async def owner(self, channel: str) -> str | None:
