@@ -2,10 +2,10 @@
 
 Anything that can write to Redis can put bytes where Herald's records go (a
 publication on a fan-in channel or in a stream, a state entry, a presence
-member or event).
-A bad one must cost only itself: dropped, counted (the node exports the sum
-as `herald_broker_bad_records_total`), and logged now and then, never every
-time (a steady trickle would flood the log), never by ending a reader.
+member or event). A bad one must cost only itself: dropped, counted (the
+node exports the sum as `herald_broker_bad_records_total`), and logged now
+and then, never every time (a steady trickle would flood the log), never by
+ending a reader.
 """
 
 from __future__ import annotations

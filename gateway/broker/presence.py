@@ -49,13 +49,18 @@ class Member:
 
     @classmethod
     def from_record(cls, raw: bytes | str) -> Member:
-        """Raises `ValueError` (or `KeyError`, `TypeError`) for what is not a member record."""
+        """Raises `ValueError` for what is not a member record (see `from_dict`)."""
         return cls.from_dict(orjson.loads(raw))
 
     @classmethod
-    def from_dict(cls, r: dict[str, Any]) -> Member:
-        member = cls(r["c"], r["u"], r["s"], r.get("i"))
-        if not (type(member.client) is str and type(member.user) is str
+    def from_dict(cls, r: Any) -> Member:
+        """Raises `ValueError` for what is not a member: presence records are read
+        from Redis, where anything may have written (`BadRecords`)."""
+        try:
+            member = cls(r["c"], r["u"], r["s"], r.get("i"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a member record ({exc!r})") from None
+        if not (type(member.client) is type(member.user) is str
                 and type(member.since) in (float, int)):
             raise ValueError("not a member record (a field of the wrong type)")
         return member

@@ -198,7 +198,7 @@ class RedisPresence(Presence):
         for raw in records:
             try:
                 members.append(Member.from_record(raw))
-            except (ValueError, KeyError, TypeError) as exc:
+            except ValueError as exc:
                 self.bad_records.drop(raw, exc)
         return members
 
@@ -257,13 +257,14 @@ class RedisPresence(Presence):
                     channel = msg["channel"].decode()[skip:]
                     try:
                         event = orjson.loads(msg["data"])
-                        kind = event["k"]
-                        member = Member.from_dict(event["m"]) if kind in (JOIN, LEAVE) else None
-                    except (ValueError, KeyError, TypeError) as exc:
+                        kind = event["k"] if type(event) is dict else None
+                        if kind not in (JOIN, LEAVE):
+                            raise ValueError(f"not a presence event (kind {kind!r})")
+                        member = Member.from_dict(event["m"])
+                    except (ValueError, KeyError) as exc:
                         self.bad_records.drop(msg["data"], exc)
                         continue
-                    if member is not None:
-                        self._emit(kind, channel, member)
+                    self._emit(kind, channel, member)
             except (RedisError, RedisClusterException, *LINK_ERRORS) as exc:
                 log.warning("presence events connection lost: %s", describe(exc))
             except Exception:  # a bug must not end join/leave for good: log, start over
