@@ -261,8 +261,9 @@ async def start_proxy(
 ) -> tuple[asyncio.Server, int]:
     """A loopback HTTP proxy that answers 403 to requests `refuse` matches.
 
-    It forces `Connection: close` so every request comes on its own
-    connection and is inspected; everything else is piped through as is.
+    It forces `Connection: close` on plain requests so every request comes on
+    its own connection and is inspected; an upgrade it lets through keeps its
+    `Connection: Upgrade`; everything else is piped through as is.
     """
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -287,9 +288,10 @@ async def start_proxy(
             await writer.drain()
             writer.close()
             return
-        lines = [ln for ln in head.split(b"\r\n") if ln and not ln.lower().startswith(
-            b"connection:")]
-        head = b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
+        if not is_upgrade(head):
+            lines = [ln for ln in head.split(b"\r\n") if ln and not ln.lower().startswith(
+                b"connection:")]
+            head = b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
         up_writer.write(head)
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
@@ -328,6 +330,32 @@ async def test_blocked_websockets_fall_back(spawn_gateway, page, refuse, state, 
             .dataset.progress === '100'""")
         await until(page, "window.heraldDemo.log.filter(e => e.channel === 'job:p1').length >= 5")
         assert await page_offsets(page, "job:p1") == log
+    finally:
+        server.close()
+
+
+async def test_one_refused_upgrade_is_not_taken_for_a_proxy(spawn_gateway, page):
+    """A gateway that comes up between a refused upgrade and the client's `/readyz`
+    check (a restart) looks, once, like a proxy that blocks WebSockets. The client
+    tries the WebSocket again at once before it falls back; a proxy that refuses
+    every upgrade still gets the fallback (test above). Before, one such race
+    kept the page on SSE for `retryWebSocketMs` (5 minutes)."""
+    gw = spawn_gateway("gw-once", HERALD_DEMO="true")
+    refused: list[bytes] = []
+
+    def refuse_first_upgrade(head: bytes) -> bool:
+        if is_upgrade(head) and not refused:
+            refused.append(head)
+            return True
+        return False
+
+    server, port = await start_proxy(gw.port, refuse_first_upgrade)
+    try:
+        await page.goto(f"http://127.0.0.1:{port}/?{FAST}")
+        await until(page, "['connected', 'fallback:sse'].includes(document.body.dataset.state)")
+        assert len(refused) == 1
+        assert await page.evaluate("window.heraldDemo.client.transport") == "ws"
+        assert await page.evaluate("document.body.dataset.state") == "connected"
     finally:
         server.close()
 

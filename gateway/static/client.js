@@ -115,6 +115,7 @@ export class HeraldClient {
     this._requests = new Map(); // rpc/publish id -> {frame, resolve, reject, timer}, sent
     this._queue = [];           // rpc/publish calls waiting for a connection
     this._failures = 0;         // consecutive tries that did not connect (maxAttempts)
+    this._retriedWhileUp = false; // a try failed while the gateway answered: retried once at once
     this._pings = new Map();    // ping id -> sent at (latency)
     this._onOnline = () => { if (!this._stopped) this._reopen(0); };
     this._onOffline = () => { if (!this._stopped) this._down(null, "offline"); };
@@ -297,8 +298,19 @@ export class HeraldClient {
       this._reopen(null);
       return;
     }
-    if (!opened && this._plannedDelay === null && await this._gatewayAnswers()) {
-      // The gateway is up, yet this transport does not open: a proxy is in the way.
+    const up = !opened && this._plannedDelay === null && await this._gatewayAnswers();
+    if (up && !this._retriedWhileUp) {
+      // The gateway is up, yet this transport did not open: a proxy in the way,
+      // or a gateway that came up just after the try (a restart). Try once more
+      // at once; only a second failure while it answers means a proxy.
+      this._retriedWhileUp = true;
+      if (this._failed()) return;
+      this._setState("reconnecting");
+      this._reopen(0);
+      return;
+    }
+    this._retriedWhileUp = false;
+    if (up) {
       if (this._transportIndex < this.options.transports.length - 1) {
         this._transportIndex += 1;
         this._reopen(0);
@@ -347,6 +359,7 @@ export class HeraldClient {
   _onConnected(frame, stateName) {
     this._attempt = 0;
     this._failures = 0;
+    this._retriedWhileUp = false;
     if (this.stats.connectedAt !== null) this.stats.reconnects += 1; // a successful re-connection
     this.stats.connectedAt = Date.now();
     this.user = frame.user || this.user;
